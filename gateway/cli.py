@@ -1,0 +1,78 @@
+"""``model-gateway``: a thin CLI. Build a validated config, then call one ``run()``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .config import ConfigError, GatewayConfig, load_config
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+log = logging.getLogger("model_gateway")
+
+
+def _config_path(arg: str | None) -> str:
+    return arg or os.environ.get("MODEL_GATEWAY_CONFIG") or DEFAULT_CONFIG
+
+
+def run(config: GatewayConfig) -> int:
+    """Serve until SIGTERM/SIGINT; then drain, stop every runner and return 0."""
+    import uvicorn
+
+    from .app import build_app
+
+    app, _ = build_app(config)
+    drains = [s.drain_timeout for s in config.endpoint_specs()] or [config.defaults.drain_timeout]
+    drain = max(drains)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.server.host, port=config.server.port, lifespan="on",
+        loop="auto", http="auto", access_log=False, log_config=None,
+        timeout_graceful_shutdown=int(drain) or None, server_header=False,
+    ))
+    server.run()
+    return 0 if server.started else 1
+
+
+def check_config(path: str) -> int:
+    config = load_config(path)
+    print(json.dumps({"server": config.server.model_dump(), "pool": config.pool.model_dump(),
+                      "endpoints": [vars(s) for s in config.endpoint_specs()]}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="model-gateway",
+                                     description="One URL for all of a team's MLflow models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the endpoints of a config file")
+    serve.add_argument("--config", "-c", help=f"config file (default: $MODEL_GATEWAY_CONFIG "
+                                               f"or {DEFAULT_CONFIG})")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--log-level", default="INFO")
+    check = sub.add_parser("check-config", help="validate a config file and print endpoints")
+    check.add_argument("path")
+    args = parser.parse_args(argv)
+
+    from .logs import configure
+
+    configure(getattr(args, "log_level", "INFO"))
+    try:
+        if args.command == "check-config":
+            return check_config(args.path)
+        config = load_config(_config_path(args.config))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    if args.host or args.port is not None:
+        server = config.server.model_copy(update={
+            k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+        config = config.model_copy(update={"server": server})
+    return run(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The gateway's YAML config: parsed, expanded and validated before anything starts.
+
+Every error names its key path (``endpoints[1].workers: must be ≥ 1``) and all errors
+are reported together in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from runners import EndpointSpec, PoolSpec
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; ``errors`` holds one ``path: message`` per line."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: invalid config\n" + "\n".join(f"  {e}" for e in errors))
+
+
+# -- scalar types -------------------------------------------------------------------------
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """``90``, ``"90s"``, ``"5m"``, ``"1h"``, ``"250ms"`` → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 90, 90s, 5m or 1h")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"must be a duration such as 90, 90s, 5m or 1h, not {value!r}")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+_NAME = r"^[^/:]+$"  # MLflow allows every character in a model name but '/' and ':'
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class PoolConfig(_Strict):
+    max_runners: int = Field(8, ge=1)
+    idle_timeout: Duration = 600.0
+    queue_timeout: Duration = 30.0
+
+
+class EndpointDefaults(_Strict):
+    env_manager: Literal["local", "virtualenv", "uv", "conda"] = "local"
+    launcher: Literal["cli", "direct"] = "direct"
+    workers: int = Field(1, ge=1)
+    startup_timeout: Duration = Field(300.0, gt=0)
+    request_timeout: Duration = Field(60.0, gt=0)
+    poll_interval: Duration = Field(30.0, gt=0)
+    drain_timeout: Duration = 30.0
+    max_concurrency: int = Field(0, ge=0)
+
+
+class EndpointConfig(_Strict):
+    name: str = Field(min_length=1, pattern=_NAME)
+    alias: str = Field(min_length=1, pattern=_NAME)
+    model_uri: str | None = None
+    env_manager: Literal["local", "virtualenv", "uv", "conda"] | None = None
+    launcher: Literal["cli", "direct"] | None = None
+    workers: int | None = Field(None, ge=1)
+    startup_timeout: Duration | None = Field(None, gt=0)
+    request_timeout: Duration | None = Field(None, gt=0)
+    poll_interval: Duration | None = Field(None, gt=0)
+    drain_timeout: Duration | None = None
+    max_concurrency: int | None = Field(None, ge=0)
+    preload: bool = False
+    pinned: bool = False
+
+
+class GatewayConfig(_Strict):
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    server: ServerConfig = ServerConfig()
+    pool: PoolConfig = PoolConfig()
+    defaults: EndpointDefaults = EndpointDefaults()
+    endpoints: list[EndpointConfig] = Field(default_factory=list)
+
+    def endpoint_specs(self) -> list[EndpointSpec]:
+        """Endpoints with the defaults filled in and ``model_uri`` defaulted."""
+        specs = []
+        for ep in self.endpoints:
+            values = self.defaults.model_dump()
+            values.update({k: v for k, v in ep.model_dump().items() if v is not None})
+            values["model_uri"] = ep.model_uri or f"models:/{ep.name}@{ep.alias}"
+            specs.append(EndpointSpec(**values))
+        return specs
+
+    def pool_spec(self, state_dir: str | None = None) -> PoolSpec:
+        return PoolSpec(max_runners=self.pool.max_runners, idle_timeout=self.pool.idle_timeout,
+                        queue_timeout=self.pool.queue_timeout, tracking_uri=self.tracking_uri,
+                        registry_uri=self.registry_uri, state_dir=state_dir)
+
+
+def _duplicates(raw: dict[str, Any]) -> list[str]:
+    """Two endpoints with one name/alias pair would make one route ambiguous."""
+    seen: dict[tuple[str, str], int] = {}
+    errors = []
+    endpoints = raw.get("endpoints")
+    for i, ep in enumerate(endpoints if isinstance(endpoints, list) else []):
+        if isinstance(ep, dict) and "name" in ep and "alias" in ep:
+            key = (str(ep["name"]), str(ep["alias"]))
+            if key in seen:
+                errors.append(f"endpoints[{i}]: duplicate endpoint {key[0]}/{key[1]} "
+                              f"(first declared at endpoints[{seen[key]}])")
+            else:
+                seen[key] = i
+    return errors
+
+
+# -- ${VAR} expansion ---------------------------------------------------------------------
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(node: Any, path: str, env: dict[str, str], errors: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand(v, _join(path, k), env, errors) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, f"{path}[{i}]", env, errors) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match[1], match[2]
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        errors.append(f"{path or '<root>'}: environment variable {name} is not set "
+                      f"and has no default")
+        return ""
+
+    expanded = _VAR.sub(sub, node)
+    # A whole-value reference may produce a number or a boolean: let YAML type it.
+    if _VAR.fullmatch(node.strip()) and expanded != "":
+        typed = yaml.safe_load(expanded)
+        if isinstance(typed, (int, float, bool)) or typed is None:
+            return typed
+    return expanded
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+# -- pydantic errors → key paths ----------------------------------------------------------
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).startswith(("function-", "literal[", "constrained-")):
+            out = _join(out, part)
+    return out or "<root>"
+
+
+def _message(err: Any) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required"
+    if kind == "greater_than_equal":
+        return f"must be ≥ {ctx['ge']}"
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}"
+    if kind == "less_than_equal":
+        return f"must be ≤ {ctx['le']}"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']}"
+    if kind == "string_pattern_mismatch":
+        return "must not contain '/' or ':'"
+    if kind == "value_error" and isinstance(ctx.get("error"), Exception):
+        return str(ctx["error"])
+    return str(err["msg"])
+
+
+def _errors(exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        out.append(f"{_loc(tuple(err['loc']))}: {_message(err)}")
+    return list(dict.fromkeys(out))
+
+
+def parse_config(text: str, source: str = "<config>",
+                 env: dict[str, str] | None = None) -> GatewayConfig:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"<root>: not valid YAML: {exc}"]) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["<root>: must be a mapping of keys"])
+    errors: list[str] = []
+    expanded = _expand(raw, "", dict(os.environ if env is None else env), errors)
+    errors += _duplicates(expanded)
+    try:
+        config = GatewayConfig.model_validate(expanded)
+    except ValidationError as exc:
+        errors += _errors(exc)
+    if errors:
+        raise ConfigError(source, errors)
+    return config
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> GatewayConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"<file>: cannot read: {exc.strerror}"]) from exc
+    return parse_config(text, str(path), env)

@@ -1,0 +1,106 @@
+"""How a runner process is launched: its command line, environment and process group.
+
+Two launchers serve the same MLflow scoring protocol:
+
+- ``cli``: ``mlflow models serve`` exactly as a user would run it (two processes:
+  the CLI stays alive beside the uvicorn it starts).
+- ``direct``: ``python -m runners.serve``, one process that loads the model and runs
+  MLflow's own scoring app. Used for ``env_manager: local`` only; other environment
+  managers always go through the CLI, which builds the model's environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .spec import EndpointSpec, PoolSpec
+
+PR_SET_PDEATHSIG = 1
+OWNER_ENV = "MODEL_GATEWAY_OWNER"
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def effective_launcher(spec: EndpointSpec) -> str:
+    return spec.launcher if spec.env_manager == "local" else "cli"
+
+
+def runner_argv(spec: EndpointSpec, model_uri: str, port: int) -> list[str]:
+    common = ["--workers", str(spec.workers), "--timeout", str(int(spec.request_timeout))]
+    if effective_launcher(spec) == "direct":
+        return [sys.executable, "-m", "runners.serve", "--model-uri", model_uri,
+                "--host", "127.0.0.1", "--port", str(port), *common]
+    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+            "--env-manager", spec.env_manager, "-h", "127.0.0.1", "-p", str(port), *common]
+
+
+def runner_env(pool: PoolSpec, owner: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # `mlflow models serve` runs `exec uvicorn ...` through bash: the interpreter's own
+    # bin/ must come first on PATH or the runner fails with `uvicorn: not found`.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [_PROJECT_ROOT, env.get("PYTHONPATH")] if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    if pool.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = pool.tracking_uri
+    if pool.registry_uri:
+        env["MLFLOW_REGISTRY_URI"] = pool.registry_uri
+    env[OWNER_ENV] = owner
+    env.update(pool.extra_env)
+    return env
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the child between fork and exec: SIGKILL it when the gateway dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the gateway died before prctl took effect
+        os._exit(1)
+
+
+async def spawn(argv: list[str], env: dict[str, str], *,
+                stdin: int = asyncio.subprocess.DEVNULL) -> asyncio.subprocess.Process:
+    """Start argv in its own process group (session), output merged into one pipe."""
+    parent = os.getpid()
+    preexec = (lambda: _die_with_parent(parent)) if sys.platform.startswith("linux") else None
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        stdin=stdin,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=preexec,
+    )
+
+
+def kill_group(pid: int, sig: int) -> bool:
+    """Signal a runner's whole process group; False if it is already gone."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def find_leftovers(owner: str) -> list[int]:
+    """Process groups started by an earlier gateway with the same owner id (Linux /proc)."""
+    marker = f"{OWNER_ENV}={owner}".encode()
+    found: list[int] = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in environ:
+            try:
+                found.append(os.getpgid(int(entry.name)))
+            except ProcessLookupError:
+                continue
+    return sorted(set(found))

@@ -1,0 +1,165 @@
+"""One runner: an MLflow scoring-server process on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import signal
+import time
+
+import aiohttp
+
+from .errors import RunnerStartError
+from .launch import kill_group, runner_argv, spawn
+from .spec import EndpointSpec
+
+log = logging.getLogger("model_gateway.runner")
+
+OUTPUT_LINES = 50
+
+
+class Runner:
+    """Owns one process group and one keep-alive HTTP connection pool to it.
+
+    ``in_flight`` counts requests bound to this runner; ``drained`` is set whenever it is 0,
+    so a cutover or an eviction can wait for the last one without polling.
+    """
+
+    def __init__(self, spec: EndpointSpec, model_uri: str, version: str | None,
+                 port: int, env: dict[str, str]) -> None:
+        self.spec = spec
+        self.model_uri = model_uri
+        self.version = version
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._env = env
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.last_used = time.monotonic()
+        self.in_flight = 0
+        self.drained = asyncio.Event()
+        self.drained.set()
+        self.exited = asyncio.Event()
+        self.stopping = False
+        self.session: aiohttp.ClientSession | None = None
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._proc is not None and not self.exited.is_set()
+
+    def describe(self) -> dict[str, object]:
+        return {"pid": self.pid, "port": self.port, "version": self.version,
+                "started_at": self.started_at, "in_flight": self.in_flight}
+
+    def tail(self, lines: int = OUTPUT_LINES) -> list[str]:
+        return list(self.output)[-lines:]
+
+    # -- requests -------------------------------------------------------------------------
+    def bind(self) -> None:
+        self.in_flight += 1
+        self.drained.clear()
+        self.last_used = time.monotonic()
+
+    def unbind(self) -> None:
+        self.in_flight -= 1
+        self.last_used = time.monotonic()
+        if self.in_flight <= 0:
+            self.in_flight = 0
+            self.drained.set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        argv = runner_argv(self.spec, self.model_uri, self.port)
+        self._proc = await spawn(argv, self._env)
+        self.started_at = time.time()
+        self._reader = asyncio.create_task(self._read_output(), name=f"runner-output-{self.pid}")
+        self._watcher = asyncio.create_task(self._watch_exit(), name=f"runner-exit-{self.pid}")
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=None)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                             skip_auto_headers=("User-Agent",))
+        log.info("runner started", extra={"endpoint": self.spec.label, "version": self.version,
+                                          "pid": self.pid, "port": self.port})
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Poll /ping until 200; fail early when the process exits."""
+        assert self.session is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.exited.is_set():
+                raise RunnerStartError(self._failure(f"runner exited with code {self.returncode}"))
+            try:
+                async with self.session.get(f"{self.base_url}/ping",
+                                            timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    if resp.status == 200:
+                        self.ready_at = time.monotonic()
+                        return
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            try:
+                await asyncio.wait_for(self.exited.wait(), 0.1)
+            except TimeoutError:
+                pass
+        raise RunnerStartError(self._failure(f"runner not ready after {timeout:.0f}s"))
+
+    def _failure(self, reason: str) -> str:
+        lines = "\n".join(self.tail(20))
+        return f"{reason}; last output:\n{lines}" if lines else reason
+
+    async def _read_output(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        extra = {"endpoint": self.spec.label, "version": self.version, "pid": self._proc.pid}
+        while True:
+            try:
+                raw = await self._proc.stdout.readline()
+            except ValueError:  # a line longer than the stream limit; keep reading
+                continue
+            if not raw:
+                break
+            line = raw.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            self.output.append(line)
+            log.info(line, extra=extra)
+
+    async def _watch_exit(self) -> None:
+        assert self._proc is not None
+        await self._proc.wait()
+        self.exited.set()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process group, wait up to ``grace``, then SIGKILL and reap."""
+        self.stopping = True
+        if self._proc is not None and not self.exited.is_set():
+            kill_group(self._proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.exited.wait(), grace)
+            except TimeoutError:
+                kill_group(self._proc.pid, signal.SIGKILL)
+                await asyncio.wait_for(self.exited.wait(), 5)
+        if self._proc is not None:
+            # The leader is gone; make sure nothing else in its group outlives it.
+            kill_group(self._proc.pid, signal.SIGKILL)
+        await self._close_session()
+
+    def kill(self) -> None:
+        self.stopping = True
+        if self._proc is not None:
+            kill_group(self._proc.pid, signal.SIGKILL)
+
+    async def _close_session(self) -> None:
+        if self.session is not None and not self.session.closed:
+            await self.session.close()

@@ -1,0 +1,44 @@
+"""What the process side needs to know about an endpoint; built by the gateway's config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LAUNCHERS = ("cli", "direct")
+ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    name: str
+    alias: str
+    model_uri: str
+    env_manager: str = "local"
+    launcher: str = "direct"
+    workers: int = 1
+    startup_timeout: float = 300.0
+    request_timeout: float = 60.0
+    poll_interval: float = 30.0
+    drain_timeout: float = 30.0
+    max_concurrency: int = 0  # 0: unlimited
+    preload: bool = False
+    pinned: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.alias)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.alias}"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    max_runners: int = 8
+    idle_timeout: float = 600.0  # 0 disables idle eviction
+    queue_timeout: float = 30.0
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    state_dir: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
