@@ -52,6 +52,11 @@ class Gateway:
     async def readyz(self, request: Request) -> Response:
         if not self.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
+        waiting = self.pool.not_ready()
+        if waiting:  # names and states only: no URIs, paths or tokens on a probe route
+            reasons = [w.split(" (", 1)[0] for w in waiting]
+            return JSONResponse({"status": "waiting for preloaded endpoints",
+                                 "endpoints": reasons}, status_code=503)
         return JSONResponse({"status": "ready", "endpoints": len(self.pool.endpoints)})
 
     async def list_models(self, request: Request) -> Response:

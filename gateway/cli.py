@@ -23,11 +23,12 @@ def run(config: GatewayConfig) -> int:
     import uvicorn
 
     from .app import build_app
+    from .server import GatewayServer
 
     app, _ = build_app(config)
     drains = [s.drain_timeout for s in config.endpoint_specs()] or [config.defaults.drain_timeout]
     drain = max(drains)
-    server = uvicorn.Server(uvicorn.Config(
+    server = GatewayServer(uvicorn.Config(
         app, host=config.server.host, port=config.server.port, lifespan="on",
         loop="auto", http="auto", access_log=False, log_config=None,
         timeout_graceful_shutdown=int(drain) or None, server_header=False,

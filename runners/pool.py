@@ -50,6 +50,20 @@ class RunnerPool:
             kill_group(pgid, signal.SIGKILL)
         self._spawn(self.registry.start(), "registry-start")
         self._spawn(self._reap_idle(), "idle-reaper")
+        for ep in self.endpoints.values():
+            if ep.spec.preload:
+                self._spawn(self._preload(ep), f"preload-{ep.spec.label}")
+
+    async def _preload(self, ep: Endpoint) -> None:
+        try:
+            await self._ensure_runner(ep)
+        except RunnerError as exc:
+            log.error("preloading %s failed: %s", ep.spec.label, exc)
+
+    def not_ready(self) -> list[str]:
+        """Why the pool is not ready yet: preloaded endpoints without a ready runner."""
+        return [f"{ep.spec.label}: {ep.state}" + (f" ({ep.last_error})" if ep.last_error else "")
+                for ep in self.endpoints.values() if ep.spec.preload and ep.state != READY]
 
     async def close(self) -> None:
         """Stop every runner (SIGTERM, then SIGKILL of its group) and the resolver."""
@@ -111,7 +125,10 @@ class RunnerPool:
     async def _cold_start(self, ep: Endpoint) -> Runner:
         ep.state = STARTING
         try:
-            resolved = await self.registry.resolve(ep.spec.model_uri)
+            try:
+                resolved = await self.registry.resolve(ep.spec.model_uri)
+            except ResolveError as exc:
+                raise RunnerStartError(f"cannot resolve {ep.spec.model_uri}: {exc}") from exc
             await self._reserve_slot(ep)
             try:
                 runner = await self._launch(ep, resolved)

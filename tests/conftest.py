@@ -1,0 +1,148 @@
+"""Fixtures: a real MLflow registry, real gateway processes on free ports, the process table."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tests.registry import Registry, build_registry
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def owned_processes(owner: str) -> list[psutil.Process]:
+    """Every live process that carries this gateway's owner mark in its environment."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("MODEL_GATEWAY_OWNER") == owner and proc.status() != "zombie":
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def is_runner(proc: psutil.Process) -> bool:
+    """A runner's top process (direct launch, or the CLI of `mlflow models serve`)."""
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return "runners.serve" in cmd or " models serve " in cmd
+
+
+def runner_processes(owner: str) -> list[psutil.Process]:
+    return [p for p in owned_processes(owner) if is_runner(p)]
+
+
+class GatewayProcess:
+    """`model-gateway serve` as a user starts it, on a free port, with a config we write."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None
+                 ) -> None:
+        self.port = free_port()
+        config = {**config, "server": {"host": "127.0.0.1", "port": self.port}}
+        self.config_path = workdir / f"gateway-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.owner = f"gateway@127.0.0.1:{self.port}"
+        self.log_path = workdir / f"gateway-{self.port}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
+            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.client.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"gateway did not come up:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-20000:]
+
+    def status(self, name: str, alias: str) -> dict[str, Any]:
+        return self.client.get(f"/models/{name}/{alias}").json()
+
+    def predict(self, name: str, alias: str, payload: Any, headers: dict[str, str] | None = None,
+                **kw: Any) -> httpx.Response:
+        return self.client.post(f"/models/{name}/{alias}/invocations", content=json.dumps(payload),
+                                headers={"Content-Type": "application/json", **(headers or {})},
+                                **kw)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.client.close()
+        self._log.close()
+        # Whatever happened, leave nothing behind for the next test.
+        for proc in owned_processes(self.owner):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        return self.proc.returncode
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    return build_registry(tmp_path_factory.mktemp("registry"))
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path, registry: Registry) -> Iterator[Any]:
+    """Start gateways for one test; each is stopped (and its processes killed) afterwards."""
+    started: list[GatewayProcess] = []
+
+    def start(endpoints: list[dict[str, Any]], **config: Any) -> GatewayProcess:
+        env = config.pop("env", None)
+        full = {"tracking_uri": registry.tracking_uri, **config, "endpoints": endpoints}
+        gw = GatewayProcess(full, tmp_path, env)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()

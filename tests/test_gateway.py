@@ -1,0 +1,247 @@
+"""The gateway core against real runners: routing, passthrough, errors, lifecycle."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from tests.conftest import GatewayProcess, owned_processes, runner_processes, wait_for
+from tests.registry import IRIS_COLUMNS, Registry
+
+ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+IRIS = {"dataframe_split": {"columns": IRIS_COLUMNS, "data": ROWS}}
+EXPECTED = [0, 2]
+
+
+@pytest.fixture(scope="module")
+def gw(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One gateway with warm runners, shared by the read-only tests of this module."""
+    config = {"tracking_uri": registry.tracking_uri, "defaults": {"startup_timeout": "2m"},
+              "endpoints": [
+                  {"name": "iris", "alias": "champion"},
+                  {"name": "iris", "alias": "cli", "model_uri": "models:/iris@champion",
+                   "launcher": "cli"},
+                  {"name": "iris v1.0", "alias": "local", "model_uri": registry.iris_path},
+                  {"name": "sleepy", "alias": "main", "request_timeout": "2s"},
+                  {"name": "ghost", "alias": "x", "model_uri": "models:/no-such-model@nope"},
+              ]}
+    gateway = GatewayProcess(config, tmp_path_factory.mktemp("shared"))
+    yield gateway
+    log = gateway.log()
+    assert gateway.stop() == 0, log
+
+
+def test_json_prediction_with_version_headers(gw: GatewayProcess) -> None:
+    resp = gw.predict("iris", "champion", IRIS, headers={"X-Request-Id": "req-123",
+                                                         "Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"predictions": EXPECTED}
+    assert resp.headers["x-model-version"] == "1"
+    assert resp.headers["x-model-uri"] == "models:/iris/1"
+    assert resp.headers["x-request-id"] == "req-123"
+    assert resp.headers["content-type"] == "application/json"
+    assert "connection" not in resp.headers or resp.headers["connection"] == "keep-alive"
+
+
+def test_csv_and_parquet_pass_through(gw: GatewayProcess) -> None:
+    frame = pd.DataFrame(ROWS, columns=IRIS_COLUMNS)
+    csv = gw.client.post("/models/iris/champion/invocations", content=frame.to_csv(index=False),
+                         headers={"Content-Type": "text/csv"})
+    assert csv.status_code == 200, csv.text
+    assert csv.json() == {"predictions": EXPECTED}
+    buf = io.BytesIO()
+    frame.to_parquet(buf)
+    parquet = gw.client.post("/models/iris/champion/invocations", content=buf.getvalue(),
+                             headers={"Content-Type": "application/vnd.apache.parquet"})
+    assert parquet.status_code == 200, parquet.text
+    assert parquet.json() == {"predictions": EXPECTED}
+
+
+def test_mlflow_bad_payload_answer_reaches_caller(gw: GatewayProcess) -> None:
+    resp = gw.predict("iris", "champion", {"dataframe_split": {"columns": ["a"], "data": [[1]]}})
+    assert resp.status_code == 400
+    assert resp.json()["error_code"] in ("BAD_REQUEST", "INVALID_PARAMETER_VALUE")
+    resp = gw.client.post("/models/iris/champion/invocations", content=b"a,b",
+                          headers={"Content-Type": "text/unknown"})
+    assert resp.status_code == 415  # MLflow's own answer for an unsupported content type
+
+
+def test_ping_health_version_routes(gw: GatewayProcess) -> None:
+    gw.predict("iris", "champion", IRIS)
+    assert gw.client.get("/models/iris/champion/ping").status_code == 200
+    assert gw.client.get("/models/iris/champion/health").status_code == 200
+    version = gw.client.get("/models/iris/champion/version")
+    assert version.status_code == 200 and version.text.startswith("3.")
+    wrong = gw.client.get("/models/iris/champion/invocations")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_cli_launcher_serves_the_same_protocol(gw: GatewayProcess) -> None:
+    resp = gw.predict("iris", "cli", IRIS)
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"predictions": EXPECTED}
+    assert resp.headers["x-model-version"] == "1"
+    bad = gw.predict("iris", "cli", {"dataframe_split": {"columns": ["a"], "data": [[1]]}})
+    assert bad.status_code == 400 and "error_code" in bad.json()
+    status = gw.status("iris", "cli")
+    # `mlflow models serve` keeps its CLI process beside the uvicorn it starts.
+    assert len(status["runner"]) and status["state"] == "ready"
+
+
+def test_names_with_spaces_and_dots_are_percent_decoded(gw: GatewayProcess) -> None:
+    resp = gw.client.post("/models/iris%20v1.0/local/invocations", json=IRIS)
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"predictions": EXPECTED}
+    assert resp.headers["x-model-version"] == "-"  # a path has no registry version
+    status = gw.client.get("/models/iris%20v1.0/local").json()
+    assert status["state"] == "ready" and status["version"] is None
+
+
+def test_status_and_listing(gw: GatewayProcess) -> None:
+    gw.predict("iris", "champion", IRIS)
+    status = gw.status("iris", "champion")
+    assert status["state"] == "ready"
+    assert status["model_uri"] == "models:/iris@champion"
+    assert status["version"] == "1"
+    assert set(status["runner"]) >= {"pid", "port", "started_at"}
+    assert status["last_error"] is None
+    listed = gw.client.get("/models").json()["endpoints"]
+    assert {(e["name"], e["alias"]) for e in listed} == {
+        ("iris", "champion"), ("iris", "cli"), ("iris v1.0", "local"), ("sleepy", "main"),
+        ("ghost", "x")}
+    assert gw.client.get("/healthz").status_code == 200
+    assert gw.client.get("/readyz").status_code == 200
+
+
+def test_undeclared_endpoint_is_404_without_echo(gw: GatewayProcess) -> None:
+    for path in ["/models/<script>evil/x/invocations", "/models/iris/nope/invocations",
+                 "/models/<script>evil/x", "/nothing/<script>evil"]:
+        resp = gw.client.post(path, content=b"{}") if path.endswith("invocations") \
+            else gw.client.get(path)
+        assert resp.status_code == 404, path
+        assert "error" in resp.json()
+        assert "evil" not in resp.text and "nope" not in resp.text
+
+
+def test_missing_model_is_503_and_others_keep_working(gw: GatewayProcess) -> None:
+    resp = gw.predict("ghost", "x", IRIS)
+    assert resp.status_code == 503
+    assert int(resp.headers["retry-after"]) >= 1
+    error = resp.json()["error"]
+    assert error["code"] == "runner_unavailable"
+    assert "no-such-model" in error["message"]
+    status = gw.status("ghost", "x")
+    assert status["state"] == "failed" and "no-such-model" in status["last_error"]
+    # Asked again at once: the backoff answers without starting anything.
+    again = gw.predict("ghost", "x", IRIS)
+    assert again.status_code == 503 and "retry-after" in again.headers
+    assert gw.predict("iris", "champion", IRIS).status_code == 200
+
+
+def test_slow_runner_is_504_and_gateway_survives(gw: GatewayProcess) -> None:
+    fast = gw.predict("sleepy", "main", {"dataframe_split": {"columns": ["seconds"],
+                                                              "data": [[0.1]]}})
+    assert fast.status_code == 200 and fast.json() == {"predictions": [0.1]}
+    slow = gw.predict("sleepy", "main", {"dataframe_split": {"columns": ["seconds"],
+                                                              "data": [[4]]}})
+    assert slow.status_code == 504
+    assert slow.json()["error"]["code"] == "runner_timeout"
+    assert gw.predict("iris", "champion", IRIS).status_code == 200
+
+
+def test_large_bodies_stream_both_ways(gw: GatewayProcess) -> None:
+    rows = ROWS * 15_000  # ~1 MB of JSON up, 30,000 predictions down
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the upload is chunked
+        body = json.dumps({"dataframe_split": {"columns": IRIS_COLUMNS, "data": rows}}).encode()
+        for i in range(0, len(body), 64 * 1024):
+            yield body[i:i + 64 * 1024]
+
+    resp = gw.client.post("/models/iris/champion/invocations", content=chunks(),
+                          headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text[:500]
+    assert resp.json()["predictions"] == EXPECTED * 15_000
+
+
+def test_concurrent_first_requests_start_one_runner(start_gateway: Any) -> None:
+    gw = start_gateway([{"name": "iris", "alias": "champion"}])
+    assert runner_processes(gw.owner) == []
+    assert gw.status("iris", "champion")["state"] == "cold"
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            seen.append(len(runner_processes(gw.owner)))
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: gw.predict("iris", "champion", IRIS), range(8)))
+    finally:
+        stop.set()
+        sampler.join()
+    assert [a.status_code for a in answers] == [200] * 8
+    assert max(seen) == 1
+    assert len(runner_processes(gw.owner)) == 1
+    assert len({a.headers["x-model-version"] for a in answers}) == 1
+
+
+def test_killed_runner_gives_502_then_restarts(start_gateway: Any) -> None:
+    gw = start_gateway([{"name": "sleepy", "alias": "main"}])
+    payload = {"dataframe_split": {"columns": ["seconds"], "data": [[30]]}}
+    assert gw.predict("sleepy", "main", {"dataframe_split": {"columns": ["seconds"],
+                                                             "data": [[0]]}}).status_code == 200
+    first = gw.status("sleepy", "main")["runner"]["pid"]
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(gw.predict, "sleepy", "main", payload)
+        wait_for(lambda: gw.status("sleepy", "main")["runner"]["in_flight"] == 1, 10)
+        os.killpg(first, signal.SIGKILL)
+        cut = pending.result(timeout=30)
+    assert cut.status_code == 502
+    assert cut.json()["error"]["code"] == "runner_unreachable"
+    status = wait_for(lambda: (s := gw.status("sleepy", "main"))["state"] == "failed" and s, 5)
+    assert status and "exited with code -9" in status["last_error"]
+    again = gw.predict("sleepy", "main", {"dataframe_split": {"columns": ["seconds"],
+                                                              "data": [[0]]}})
+    assert again.status_code == 200
+    assert gw.status("sleepy", "main")["runner"]["pid"] != first
+
+
+def test_sigterm_drains_in_flight_and_leaves_no_process(start_gateway: Any) -> None:
+    gw = start_gateway([{"name": "sleepy", "alias": "main"}, {"name": "iris", "alias": "champion"}])
+    assert gw.predict("iris", "champion", IRIS).status_code == 200
+    payload = {"dataframe_split": {"columns": ["seconds"], "data": [[3]]}}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(gw.predict, "sleepy", "main", payload)
+        wait_for(lambda: gw.status("sleepy", "main").get("runner", {}) and
+                 gw.status("sleepy", "main")["runner"]["in_flight"] == 1, 60)
+        assert len(runner_processes(gw.owner)) == 2
+        gw.proc.send_signal(signal.SIGTERM)
+        answer = pending.result(timeout=60)
+    assert answer.status_code == 200 and answer.json() == {"predictions": [3.0]}
+    assert gw.proc.wait(60) == 0
+    assert wait_for(lambda: owned_processes(gw.owner) == [], 5), owned_processes(gw.owner)
+
+
+def test_preload_starts_at_startup_and_gates_readiness(start_gateway: Any) -> None:
+    gw = start_gateway([{"name": "iris", "alias": "champion", "preload": True},
+                        {"name": "sleepy", "alias": "main"}])
+    early = gw.client.get("/readyz")
+    assert early.status_code == 503
+    assert early.json()["endpoints"] == ["iris/champion: starting"]
+    assert wait_for(lambda: gw.client.get("/readyz").status_code == 200, 120)
+    assert gw.status("iris", "champion")["state"] == "ready"
+    assert gw.status("sleepy", "main")["state"] == "cold"  # not preloaded: still lazy
+    assert len(runner_processes(gw.owner)) == 1
