@@ -13,10 +13,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runners import RunnerPool, VersionWatcher
+from runners import Endpoint, RunnerPool, VersionWatcher
 
+from .auth import TokenSet, bearer
 from .config import GatewayConfig
+from .metrics import CONTENT_TYPE, GatewayMetrics
 from .proxy import ModelProxy
+from .webhooks import WebhookRejected, WebhookVerifier
 
 log = logging.getLogger("model_gateway")
 
@@ -27,8 +30,13 @@ class Gateway:
     def __init__(self, config: GatewayConfig, *, owner: str | None = None) -> None:
         self.config = config
         self.owner = owner or f"gateway@{config.server.host}:{config.server.port}"
-        self.pool = RunnerPool(config.pool_spec(), config.endpoint_specs(), self.owner)
+        self.metrics = GatewayMetrics()
+        self.pool = RunnerPool(config.pool_spec(), config.endpoint_specs(), self.owner,
+                               events=self.metrics)
+        self.metrics.watch(self.pool)
         self.watcher = VersionWatcher(self.pool)
+        self.admin_tokens = TokenSet(config.auth.admin_tokens)
+        self.webhooks = WebhookVerifier(config.webhook_secret) if config.webhook_secret else None
         self.ready = False
 
     @contextlib.asynccontextmanager
@@ -69,12 +77,63 @@ class Gateway:
                                "no endpoint is declared with that name and alias")
         return JSONResponse(ep.status())
 
+    def _endpoint(self, request: Request) -> Endpoint | None:
+        return self.pool.endpoints.get((request.path_params["name"],
+                                        request.path_params["alias"]))
+
+    def _refuse_admin(self, request: Request) -> Response | None:
+        """None when the request carries an admin token; the refusal otherwise."""
+        if not self.admin_tokens:
+            return _json_error(403, "admin_disabled",
+                               "admin routes are disabled: no admin token is configured")
+        if not self.admin_tokens.accepts(bearer(request.headers.get("authorization"))):
+            return _json_error(401, "unauthorized", "a valid admin token is required",
+                               {"WWW-Authenticate": 'Bearer realm="model-gateway-admin"'})
+        return None
+
+    async def reload(self, request: Request) -> Response:
+        """Re-resolve now; ``?wait=true`` answers after the cutover (if any) is done."""
+        refused = self._refuse_admin(request)
+        if refused is not None:
+            return refused
+        ep = self._endpoint(request)
+        if ep is None:
+            return _json_error(404, "endpoint_not_found",
+                               "no endpoint is declared with that name and alias")
+        if request.query_params.get("wait") in ("1", "true", "yes"):
+            await self.watcher.refresh(ep, force=True)
+            return JSONResponse(ep.status())
+        self.watcher.refresh_now(ep)
+        return JSONResponse(ep.status(), status_code=202)
+
+    async def webhook(self, request: Request) -> Response:
+        if self.webhooks is None:
+            return _json_error(404, "webhooks_disabled", "no webhook_secret is configured")
+        body = await request.body()
+        try:
+            event = self.webhooks.verify(dict(request.headers), body)
+        except WebhookRejected as exc:
+            self.metrics.webhooks.labels("rejected").inc()
+            log.warning("webhook rejected: %s", exc)
+            return _json_error(exc.status, exc.code, str(exc))
+        self.metrics.webhooks.labels("accepted").inc()
+        hits = self.watcher.trigger(event.model_name) if event.model_name else []
+        log.info("webhook %s.%s for model %r: re-resolving %d endpoint(s)", event.entity,
+                 event.action, event.model_name, len(hits))
+        return JSONResponse({"refreshing": [ep.spec.label for ep in hits]})
+
+    async def metrics_route(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
     def routes(self) -> list[Route]:
         return [
+            Route("/metrics", self.metrics_route, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/models", self.list_models, methods=["GET"]),
             Route("/models/{name}/{alias}", self.model_status, methods=["GET"]),
+            Route("/models/{name}/{alias}/reload", self.reload, methods=["POST"]),
+            Route("/hooks/mlflow", self.webhook, methods=["POST"]),
         ]
 
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from runners import EndpointSpec, PoolSpec
+from runners.memory import parse_size
 
 
 class ConfigError(Exception):
@@ -46,6 +47,7 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
 _NAME = r"^[^/:]+$"  # MLflow allows every character in a model name but '/' and ':'
 
 
@@ -62,6 +64,12 @@ class PoolConfig(_Strict):
     max_runners: int = Field(8, ge=1)
     idle_timeout: Duration = 600.0
     queue_timeout: Duration = 30.0
+    memory_limit: Size = 0
+
+
+class AuthConfig(_Strict):
+    admin_tokens: list[str | None] = Field(default_factory=list)
+    api_keys: list[str | None] = Field(default_factory=list)
 
 
 class EndpointDefaults(_Strict):
@@ -89,12 +97,16 @@ class EndpointConfig(_Strict):
     max_concurrency: int | None = Field(None, ge=0)
     preload: bool = False
     pinned: bool = False
+    public: bool = False  # no api key needed even when auth.api_keys is set
+    api_keys: list[str | None] | None = None  # this endpoint's own keys, instead of auth's
 
 
 class GatewayConfig(_Strict):
     tracking_uri: str | None = None
     registry_uri: str | None = None
+    webhook_secret: str | None = None
     server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
     pool: PoolConfig = PoolConfig()
     defaults: EndpointDefaults = EndpointDefaults()
     endpoints: list[EndpointConfig] = Field(default_factory=list)
@@ -104,15 +116,20 @@ class GatewayConfig(_Strict):
         specs = []
         for ep in self.endpoints:
             values = self.defaults.model_dump()
-            values.update({k: v for k, v in ep.model_dump().items() if v is not None})
+            values.update({k: v for k, v in ep.model_dump().items()
+                           if v is not None and k not in _HTTP_ONLY})
             values["model_uri"] = ep.model_uri or f"models:/{ep.name}@{ep.alias}"
             specs.append(EndpointSpec(**values))
         return specs
 
     def pool_spec(self, state_dir: str | None = None) -> PoolSpec:
         return PoolSpec(max_runners=self.pool.max_runners, idle_timeout=self.pool.idle_timeout,
-                        queue_timeout=self.pool.queue_timeout, tracking_uri=self.tracking_uri,
+                        queue_timeout=self.pool.queue_timeout,
+                        memory_limit=self.pool.memory_limit, tracking_uri=self.tracking_uri,
                         registry_uri=self.registry_uri, state_dir=state_dir)
+
+
+_HTTP_ONLY = {"public", "api_keys"}  # endpoint keys the gateway uses, not the runner pool
 
 
 def _duplicates(raw: dict[str, Any]) -> list[str]:

@@ -5,6 +5,7 @@ Never imports ``gateway``: the HTTP side drives this package, not the other way 
 
 from .endpoint import Endpoint
 from .errors import PoolBusy, ResolveError, RunnerError, RunnerGone, RunnerStartError, StartBackoff
+from .events import PoolEvents
 from .pool import RunnerPool
 from .registry import RegistryClient, Resolved
 from .runner import Runner
@@ -13,21 +14,8 @@ from .target import ModelTarget
 from .watcher import VersionWatcher
 
 __all__ = [
-                     "ENV_MANAGERS",
-                     "LAUNCHERS",
-                     "Endpoint",
-                     "EndpointSpec",
-                     "ModelTarget",
-                     "PoolBusy",
-                     "PoolSpec",
-                     "RegistryClient",
-                     "ResolveError",
-                     "Resolved",
-                     "Runner",
-                     "RunnerError",
-                     "RunnerGone",
-                     "RunnerPool",
-                     "RunnerStartError",
-                     "StartBackoff",
-                     "VersionWatcher",
+    "ENV_MANAGERS", "LAUNCHERS", "Endpoint", "EndpointSpec", "ModelTarget", "PoolBusy",
+    "PoolEvents", "PoolSpec", "RegistryClient", "ResolveError", "Resolved", "Runner",
+    "RunnerError", "RunnerGone", "RunnerPool", "RunnerStartError", "StartBackoff",
+    "VersionWatcher",
 ]

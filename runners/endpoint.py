@@ -42,6 +42,7 @@ class Endpoint:
         self.last_poll: float | None = None
         self.last_poll_error: str | None = None
         self.poll_failures = 0
+        self.last_memory = 0  # bytes its last runner used: the estimate for its next start
         self.slots = asyncio.Semaphore(spec.max_concurrency) if spec.max_concurrency else None
 
     @property

@@ -1,4 +1,4 @@
-"""RunnerPool: owns every runner process; starts them lazily, evicts, replaces, reaps."""
+"""RunnerPool: owns every runner process; starts them lazily, evicts, reaps, watches health."""
 
 from __future__ import annotations
 
@@ -6,19 +6,27 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 import aiohttp
 
 from .endpoint import COLD, FAILED, READY, STARTING, STOPPING, Endpoint, backoff
 from .errors import PoolBusy, ResolveError, RunnerError, RunnerStartError, StartBackoff
+from .events import PoolEvents
 from .launch import find_leftovers, kill_group, runner_env
+from .memory import group_memory
 from .ports import PortAllocator
 from .registry import RegistryClient, Resolved
 from .runner import Runner
 from .spec import EndpointSpec, PoolSpec
+from .watchdog import Watchdog
 
 log = logging.getLogger("model_gateway.pool")
+
+DEFAULT_RUNNER_BYTES = 300 * 2**20  # expected size of a runner never measured yet
+HEALTH_TIMEOUT = 5.0  # an idle runner whose /ping takes longer than this is hung
+HEALTH_STRIKES = 2  # consecutive failed pings before a runner is killed
 
 
 class RunnerPool:
@@ -26,33 +34,58 @@ class RunnerPool:
 
     Requests call :meth:`acquire` / :meth:`release`; a request is bound to the runner
     :meth:`acquire` returns, so swapping ``endpoint.runner`` (a cutover) moves only new
-    requests. ``max_runners`` counts live and starting runners; a cutover's green runner
-    may exceed it by one while it starts.
+    requests. ``max_runners`` and ``memory_limit`` count live and starting runners; a
+    cutover's green runner may exceed them by itself while it starts.
     """
 
-    def __init__(self, spec: PoolSpec, endpoints: Iterable[EndpointSpec], owner: str) -> None:
+    def __init__(self, spec: PoolSpec, endpoints: Iterable[EndpointSpec], owner: str,
+                 events: PoolEvents | None = None) -> None:
         self.spec = spec
         self.owner = owner
+        self.events = events or PoolEvents()
         self.endpoints: dict[tuple[str, str], Endpoint] = {e.key: Endpoint(e) for e in endpoints}
         self.env = runner_env(spec, owner)
         self.registry = RegistryClient(self.env)
+        self.watchdog = Watchdog(self.env)
         self.ports = PortAllocator()
         self.runners: set[Runner] = set()  # every runner whose process may be alive
-        self._reserved = 0  # slots promised to cold starts that have not launched yet
+        self._reserved: list[int] = []  # expected bytes of cold starts not launched yet
         self._slot_freed = asyncio.Event()
-        self._tasks: set[asyncio.Task[object]] = set()
-        self._closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         for pgid in find_leftovers(self.owner):
-            log.warning("stopping leftover runner process group %s of an earlier gateway", pgid)
+            log.warning("stopping leftover process group %s of an earlier gateway", pgid)
             kill_group(pgid, signal.SIGKILL)
-        self._spawn(self.registry.start(), "registry-start")
-        self._spawn(self._reap_idle(), "idle-reaper")
+        await self.watchdog.start()
+        self.spawn(self.registry.start(), "registry-start")
+        self.spawn(self._housekeeping(), "housekeeping")
         for ep in self.endpoints.values():
             if ep.spec.preload:
-                self._spawn(self._preload(ep), f"preload-{ep.spec.label}")
+                self.spawn(self._preload(ep), f"preload-{ep.spec.label}")
+
+    async def close(self) -> None:
+        """Stop every runner (SIGTERM, then SIGKILL of its group), the resolver, the watchdog."""
+        runners = list(self.runners)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(r.stop(grace=10) for r in runners), return_exceptions=True)
+        for runner in runners:
+            if runner.pid:
+                self.watchdog.unwatch(runner.pid)
+        for ep in self.endpoints.values():
+            ep.runner, ep.pending, ep.state = None, None, COLD
+        await self.registry.close()
+        await self.watchdog.close()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """A background task the pool keeps a reference to and cancels on close."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _preload(self, ep: Endpoint) -> None:
         try:
@@ -61,27 +94,13 @@ class RunnerPool:
             log.error("preloading %s failed: %s", ep.spec.label, exc)
 
     def not_ready(self) -> list[str]:
-        """Why the pool is not ready yet: preloaded endpoints without a ready runner."""
-        return [f"{ep.spec.label}: {ep.state}" + (f" ({ep.last_error})" if ep.last_error else "")
-                for ep in self.endpoints.values() if ep.spec.preload and ep.state != READY]
+        """Preloaded endpoints without a ready runner, as ``label: state``."""
+        return [f"{ep.spec.label}: {ep.state}" for ep in self.endpoints.values()
+                if ep.spec.preload and ep.state != READY]
 
-    async def close(self) -> None:
-        """Stop every runner (SIGTERM, then SIGKILL of its group) and the resolver."""
-        self._closing = True
-        runners = list(self.runners)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(r.stop(grace=10) for r in runners), return_exceptions=True)
-        for ep in self.endpoints.values():
-            ep.runner, ep.pending, ep.state = None, None, COLD
-        await self.registry.close()
-
-    def _spawn(self, coro: object, name: str) -> asyncio.Task[object]:
-        task: asyncio.Task[object] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    @property
+    def memory(self) -> int:
+        return sum(r.memory for r in self.runners)
 
     # -- requests -------------------------------------------------------------------------
     async def acquire(self, ep: Endpoint) -> Runner:
@@ -124,19 +143,24 @@ class RunnerPool:
 
     async def _cold_start(self, ep: Endpoint) -> Runner:
         ep.state = STARTING
+        began = time.monotonic()
         try:
             try:
                 resolved = await self.registry.resolve(ep.spec.model_uri)
             except ResolveError as exc:
                 raise RunnerStartError(f"cannot resolve {ep.spec.model_uri}: {exc}") from exc
-            await self._reserve_slot(ep)
+            expected = await self._reserve_slot(ep)
             try:
-                runner = await self._launch(ep, resolved)
+                runner = await self.launch(ep, resolved)
             finally:
-                self._reserved -= 1
+                self._reserved.remove(expected)
             ep.runner, ep.version, ep.state = runner, resolved.version, READY
             ep.last_error, ep.failed_version, ep.start_failures = None, None, 0
+            self.events.cold_start(ep, time.monotonic() - began, True)
             return runner
+        except PoolBusy:  # the pool is full, not the endpoint's fault: no backoff
+            ep.state = COLD
+            raise
         except RunnerError as exc:
             ep.state, ep.last_error = FAILED, str(exc)
             ep.start_failures += 1
@@ -144,6 +168,7 @@ class RunnerPool:
             ep.retry_at = time.monotonic() + wait
             if isinstance(exc, RunnerStartError):
                 exc.retry_after = wait
+            self.events.cold_start(ep, time.monotonic() - began, False)
             log.error("endpoint %s failed to start (retry in %.0fs): %s", ep.spec.label, wait, exc)
             raise
         except asyncio.CancelledError:
@@ -152,23 +177,33 @@ class RunnerPool:
         finally:
             ep.start_task = None
 
-    async def _launch(self, ep: Endpoint, resolved: Resolved, *, pending: bool = False) -> Runner:
+    async def launch(self, ep: Endpoint, resolved: Resolved, *, pending: bool = False) -> Runner:
         """Start a runner for ``resolved`` and wait until it answers /ping."""
-        port = self.ports.acquire()
-        runner = Runner(ep.spec, resolved.uri, resolved.version, port, self.env)
-        self.runners.add(runner)
-        if pending:
-            ep.pending = runner
-        self._spawn(self._supervise(ep, runner), f"supervise-{port}")
-        try:
-            await runner.start()
-            await runner.wait_ready(ep.spec.startup_timeout)
-        except BaseException:
-            await runner.stop(grace=2)
-            raise
-        log.info("endpoint %s version %s ready on port %s in %.1fs", ep.spec.label,
-                 resolved.version or "-", port, time.time() - (runner.started_at or time.time()))
-        return runner
+        for attempt in (1, 2):
+            runner = Runner(ep.spec, resolved.uri, resolved.version, self.ports.acquire(), self.env)
+            self.runners.add(runner)
+            if pending:
+                ep.pending = runner
+            self.spawn(self._supervise(ep, runner), f"supervise-{runner.port}")
+            try:
+                await runner.start()
+                if runner.pid:
+                    self.watchdog.watch(runner.pid)
+                await runner.wait_ready(ep.spec.startup_timeout)
+            except RunnerStartError as exc:
+                await runner.stop(grace=2)
+                # Another process took the port between our check and the runner's bind.
+                if attempt == 1 and "address already in use" in str(exc).lower():
+                    log.warning("port %s was taken; retrying on another", runner.port)
+                    continue
+                raise
+            except BaseException:
+                await runner.stop(grace=2)
+                raise
+            log.info("endpoint %s version %s ready on port %s in %.1fs", ep.spec.label,
+                     resolved.version or "-", runner.port, time.time() - (runner.started_at or 0))
+            return runner
+        raise AssertionError("unreachable")
 
     async def _supervise(self, ep: Endpoint, runner: Runner) -> None:
         """Reap a runner's exit: forget it, and mark its endpoint failed if it crashed."""
@@ -183,19 +218,35 @@ class RunnerPool:
             if runner.stopping:
                 ep.state = COLD
             else:
+                reason = runner.kill_reason or f"runner exited with code {runner.returncode}"
                 ep.state, ep.retry_at = FAILED, time.monotonic()
-                ep.last_error = runner._failure(f"runner exited with code {runner.returncode}")
-                log.error("endpoint %s: runner pid %s exited with code %s", ep.spec.label,
-                          runner.pid, runner.returncode)
+                ep.last_error = runner.failure(reason)
+                self.events.restart(ep)
+                log.error("endpoint %s: runner pid %s: %s", ep.spec.label, runner.pid, reason)
         await runner.stop(grace=1)  # close its connection pool, kill any stragglers
+        if runner.pid:
+            self.watchdog.unwatch(runner.pid)
 
     # -- capacity -------------------------------------------------------------------------
     def _notify_slot(self) -> None:
         self._slot_freed.set()
         self._slot_freed = asyncio.Event()
 
-    def _live(self) -> int:
-        return len(self.runners) + self._reserved
+    def _expected_bytes(self, ep: Endpoint) -> int:
+        if ep.last_memory:
+            return ep.last_memory
+        sizes = [r.memory for r in self.runners if r.memory]
+        return sum(sizes) // len(sizes) if sizes else DEFAULT_RUNNER_BYTES
+
+    def _over(self, expected: int) -> str | None:
+        """Why one more runner of ``expected`` bytes does not fit, or None if it does."""
+        if len(self.runners) + len(self._reserved) >= self.spec.max_runners:
+            return "capacity"
+        limit = self.spec.memory_limit
+        used = self.memory + sum(self._reserved)
+        if limit and (self.runners or self._reserved) and used + expected > limit:
+            return "memory"
+        return None
 
     def _lru_idle(self) -> Runner | None:
         idle = [r for ep in self.endpoints.values() if (r := ep.runner) is not None
@@ -203,122 +254,38 @@ class RunnerPool:
                 and ep.pending is None]
         return min(idle, key=lambda r: r.last_used, default=None)
 
-    async def _reserve_slot(self, ep: Endpoint) -> None:
+    async def _reserve_slot(self, ep: Endpoint) -> int:
+        expected = self._expected_bytes(ep)
         deadline = time.monotonic() + self.spec.queue_timeout
-        while self._live() >= self.spec.max_runners:
+        while (reason := self._over(expected)) is not None:
             victim = self._lru_idle()
             if victim is not None:
-                await self.evict(victim, reason=f"making room for {ep.spec.label}")
+                await self.evict(victim, reason=reason)
                 continue
             freed = self._slot_freed
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise PoolBusy(f"all {self.spec.max_runners} runners are busy", retry_after=2)
+                what = (f"all {self.spec.max_runners} runners are busy" if reason == "capacity"
+                        else "the pool's memory_limit is taken by busy runners")
+                raise PoolBusy(what, retry_after=2)
             try:
                 await asyncio.wait_for(freed.wait(), remaining)
             except TimeoutError:
                 pass
-        self._reserved += 1
+        self._reserved.append(expected)
+        return expected
 
     async def evict(self, runner: Runner, *, reason: str) -> None:
         """Detach an idle runner from its endpoint (which goes cold) and stop it."""
         for ep in self.endpoints.values():
             if ep.runner is runner:
                 ep.runner, ep.state = None, COLD
-                log.info("evicting %s version %s: %s", ep.spec.label, runner.version or "-",
+                self.events.eviction(ep, reason)
+                log.info("evicting %s version %s (%s)", ep.spec.label, runner.version or "-",
                          reason)
         await runner.stop(grace=5)
 
-    async def _reap_idle(self) -> None:
-        while True:
-            await asyncio.sleep(1)
-            if self.spec.idle_timeout <= 0:
-                continue
-            now = time.monotonic()
-            for ep in list(self.endpoints.values()):
-                r = ep.runner
-                if (r is not None and not ep.spec.pinned and r.in_flight == 0
-                        and ep.pending is None and now - r.last_used >= self.spec.idle_timeout):
-                    self._spawn(self.evict(r, reason="idle"), f"evict-{r.port}")
-
-    # -- following the registry -----------------------------------------------------------
-    async def refresh(self, ep: Endpoint, *, force: bool = False) -> None:
-        """Re-resolve ``ep``'s target and cut over to a new version by blue-green."""
-        if ep.refresh_task is not None and not ep.refresh_task.done():
-            return await asyncio.shield(ep.refresh_task)
-        ep.refresh_task = asyncio.create_task(self._refresh(ep, force), name=f"refresh-{ep.key}")
-        await asyncio.shield(ep.refresh_task)
-
-    async def _refresh(self, ep: Endpoint, force: bool) -> None:
-        if not ep.target.follows or ep.runner is None or ep.state != READY:
-            return
-        ep.last_poll = time.time()
-        try:
-            resolved = await self.registry.resolve(ep.spec.model_uri, example=True)
-        except ResolveError as exc:
-            ep.poll_failures += 1
-            ep.last_poll_error = str(exc)
-            log.warning("endpoint %s: registry poll failed, %s keeps serving: %s",
-                        ep.spec.label, ep.version, exc)
-            return
-        ep.last_poll_error = None
-        if resolved.version == ep.version:
-            return
-        if (not force and resolved.version == ep.failed_version
-                and time.monotonic() < ep.cutover_retry_at):
-            return
-        await self._cutover(ep, resolved)
-
-    async def _cutover(self, ep: Endpoint, resolved: Resolved) -> None:
-        blue = ep.runner
-        ep.pending_version = resolved.version
-        log.info("endpoint %s: cutover %s -> %s starting", ep.spec.label, ep.version,
-                 resolved.version)
-        try:
-            green = await self._launch_pending(ep, resolved)
-        except RunnerError as exc:
-            ep.cutover_failures += 1
-            wait = backoff(ep.cutover_failures)
-            ep.failed_version, ep.cutover_retry_at = resolved.version, time.monotonic() + wait
-            ep.last_error = f"cutover to version {resolved.version} failed: {exc}"
-            log.error("endpoint %s: %s (version %s keeps serving; retry in %.0fs)",
-                      ep.spec.label, ep.last_error, ep.version, wait)
-            return
-        finally:
-            ep.pending, ep.pending_version = None, None
-        if ep.runner is not blue:  # blue died or was stopped meanwhile: green serves anyway
-            blue = ep.runner
-        ep.runner, ep.version, ep.state = green, resolved.version, READY
-        ep.last_error, ep.failed_version, ep.cutover_failures = None, None, 0
-        log.info("endpoint %s: now serving version %s", ep.spec.label, resolved.version)
-        if blue is not None:
-            self._spawn(self._drain(blue, ep.spec.drain_timeout), f"drain-{blue.port}")
-
-    async def _launch_pending(self, ep: Endpoint, resolved: Resolved) -> Runner:
-        green = await self._launch(ep, resolved, pending=True)
-        if resolved.example:
-            await self._warm_up(green, resolved.example)
-        return green
-
-    async def _warm_up(self, runner: Runner, example: str) -> None:
-        """One prediction with the model's own input example before traffic moves."""
-        assert runner.session is not None
-        try:
-            async with runner.session.post(
-                f"{runner.base_url}/invocations", data=example.encode(),
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=runner.spec.request_timeout),
-            ) as resp:
-                body = await resp.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            await runner.stop(grace=2)
-            raise RunnerStartError(f"warm-up prediction failed: {exc!r}") from exc
-        if resp.status != 200:
-            await runner.stop(grace=2)
-            raise RunnerStartError(f"warm-up prediction answered {resp.status}: "
-                                   f"{body[:300].decode(errors='replace')}")
-
-    async def _drain(self, runner: Runner, timeout: float) -> None:
+    async def drain(self, runner: Runner, timeout: float) -> None:
         """Let requests bound to ``runner`` finish (up to ``timeout``), then stop it."""
         runner.stopping = True
         try:
@@ -329,9 +296,63 @@ class RunnerPool:
         await runner.stop(grace=10)
 
     async def stop_endpoint(self, ep: Endpoint) -> None:
+        """Take an endpoint's runner out of service, drained; the endpoint goes cold."""
         runner = ep.runner
         if runner is not None:
             ep.runner, ep.state = None, STOPPING
-            await self._drain(runner, ep.spec.drain_timeout)
+            await self.drain(runner, ep.spec.drain_timeout)
             if ep.state == STOPPING:
                 ep.state = COLD
+
+    # -- housekeeping ---------------------------------------------------------------------
+    async def _housekeeping(self) -> None:
+        """Once a second: idle eviction; every few seconds: memory and health of runners."""
+        tick = 0
+        while True:
+            await asyncio.sleep(1)
+            tick += 1
+            self._evict_idle()
+            if tick % 2 == 0:
+                await self._measure()
+            if tick % max(1, int(self.spec.health_interval)) == 0:
+                await self._check_health()
+
+    def _evict_idle(self) -> None:
+        if self.spec.idle_timeout <= 0:
+            return
+        now = time.monotonic()
+        for ep in self.endpoints.values():
+            r = ep.runner
+            if (r is not None and not ep.spec.pinned and r.in_flight == 0 and not r.stopping
+                    and ep.pending is None and now - r.last_used >= self.spec.idle_timeout):
+                self.spawn(self.evict(r, reason="idle"), f"evict-{r.port}")
+
+    async def _measure(self) -> None:
+        runners = [r for r in self.runners if r.pid and r.is_alive]
+        sizes = await asyncio.to_thread(lambda: [group_memory(r.pid or 0) for r in runners])
+        for runner, size in zip(runners, sizes, strict=True):
+            runner.memory = size
+        for ep in self.endpoints.values():
+            if ep.runner is not None and ep.runner.memory:
+                ep.last_memory = ep.runner.memory
+
+    async def _check_health(self) -> None:
+        """Ping idle ready runners; one that stops answering is killed and replaced."""
+        for ep in list(self.endpoints.values()):
+            runner = ep.runner
+            if runner is None or runner.in_flight or runner.stopping or runner.session is None:
+                continue
+            try:
+                async with runner.session.get(
+                        f"{runner.base_url}/ping",
+                        timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT)) as resp:
+                    healthy = resp.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                healthy = runner.in_flight > 0  # busy meanwhile: not evidence of a hang
+            runner.health_strikes = 0 if healthy else runner.health_strikes + 1
+            if runner.health_strikes >= HEALTH_STRIKES and runner is ep.runner:
+                log.error("endpoint %s: runner pid %s did not answer /ping within %.0fs "
+                          "%d times; killing it", ep.spec.label, runner.pid, HEALTH_TIMEOUT,
+                          HEALTH_STRIKES)
+                runner.kill(reason=f"runner hung: /ping did not answer within "
+                                   f"{HEALTH_TIMEOUT:.0f}s")

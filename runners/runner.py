@@ -46,6 +46,9 @@ class Runner:
         self.drained.set()
         self.exited = asyncio.Event()
         self.stopping = False
+        self.kill_reason: str | None = None  # why the pool killed it, when it did
+        self.memory = 0  # bytes (PSS) of its process group, measured every few seconds
+        self.health_strikes = 0
         self.session: aiohttp.ClientSession | None = None
 
     # -- identity -------------------------------------------------------------------------
@@ -63,7 +66,8 @@ class Runner:
 
     def describe(self) -> dict[str, object]:
         return {"pid": self.pid, "port": self.port, "version": self.version,
-                "started_at": self.started_at, "in_flight": self.in_flight}
+                "started_at": self.started_at, "in_flight": self.in_flight,
+                "memory_bytes": self.memory}
 
     def tail(self, lines: int = OUTPUT_LINES) -> list[str]:
         return list(self.output)[-lines:]
@@ -100,7 +104,7 @@ class Runner:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.exited.is_set():
-                raise RunnerStartError(self._failure(f"runner exited with code {self.returncode}"))
+                raise RunnerStartError(self.failure(f"runner exited with code {self.returncode}"))
             try:
                 async with self.session.get(f"{self.base_url}/ping",
                                             timeout=aiohttp.ClientTimeout(total=2)) as resp:
@@ -113,9 +117,10 @@ class Runner:
                 await asyncio.wait_for(self.exited.wait(), 0.1)
             except TimeoutError:
                 pass
-        raise RunnerStartError(self._failure(f"runner not ready after {timeout:.0f}s"))
+        raise RunnerStartError(self.failure(f"runner not ready after {timeout:.0f}s"))
 
-    def _failure(self, reason: str) -> str:
+    def failure(self, reason: str) -> str:
+        """``reason`` with the runner's last output lines, for status and error answers."""
         lines = "\n".join(self.tail(20))
         return f"{reason}; last output:\n{lines}" if lines else reason
 
@@ -155,8 +160,11 @@ class Runner:
             kill_group(self._proc.pid, signal.SIGKILL)
         await self._close_session()
 
-    def kill(self) -> None:
-        self.stopping = True
+    def kill(self, reason: str | None = None) -> None:
+        """SIGKILL the group now. With a reason, the exit counts as a failure, not a stop."""
+        if reason is None:
+            self.stopping = True
+        self.kill_reason = reason
         if self._proc is not None:
             kill_group(self._proc.pid, signal.SIGKILL)
 

@@ -38,6 +38,8 @@ class PoolSpec:
     max_runners: int = 8
     idle_timeout: float = 600.0  # 0 disables idle eviction
     queue_timeout: float = 30.0
+    memory_limit: int = 0  # bytes for all runners together; 0 disables the budget
+    health_interval: float = 10.0  # seconds between /ping checks of idle runners
     tracking_uri: str | None = None
     registry_uri: str | None = None
     state_dir: str | None = None

@@ -11,7 +11,7 @@ import pandas as pd
 
 
 class Sleepy(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input: pd.DataFrame, params=None):  # noqa: ANN001
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         seconds = model_input["seconds"].astype(float)
         time.sleep(float(seconds.max()))
         return seconds.tolist()

@@ -1,0 +1,132 @@
+"""Prometheus metrics: ``model_gateway_*``, one registry per gateway.
+
+Counters and histograms move on events (requests, cold starts, cutovers, evictions,
+restarts, poll failures, webhooks); states, in-flight counts and memory are read from
+the pool when Prometheus scrapes, so the request path only pays for what it counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from runners import Endpoint, PoolEvents, RunnerPool
+
+STATES = ("cold", "starting", "ready", "failed", "stopping")
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+COLD_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+disable_created_metrics()  # `_created` series double the output and no alert uses them
+
+
+class _PoolCollector(Collector):
+    """Gauges computed from the pool at scrape time."""
+
+    def __init__(self, pool: RunnerPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = GaugeMetricFamily("model_gateway_runner_state",
+                                  "1 for the endpoint's current state", labels=["name", "alias",
+                                                                                "state"])
+        in_flight = GaugeMetricFamily("model_gateway_requests_in_flight",
+                                      "Requests bound to the endpoint's runners",
+                                      labels=["name", "alias"])
+        memory = GaugeMetricFamily("model_gateway_runner_memory_bytes",
+                                   "Memory (PSS) of the endpoint's serving runner",
+                                   labels=["name", "alias", "version"])
+        for ep in self.pool.endpoints.values():
+            name, alias = ep.spec.name, ep.spec.alias
+            for s in STATES:
+                state.add_metric([name, alias, s], 1.0 if ep.state == s else 0.0)
+            runners = [r for r in (ep.runner, ep.pending) if r is not None]
+            in_flight.add_metric([name, alias], float(sum(r.in_flight for r in runners)))
+            if ep.runner is not None:
+                memory.add_metric([name, alias, ep.runner.version or "-"],
+                                  float(ep.runner.memory))
+        yield state
+        yield in_flight
+        yield memory
+        live = GaugeMetricFamily("model_gateway_live_runners", "Runner processes alive")
+        live.add_metric([], float(len(self.pool.runners)))
+        yield live
+        total = GaugeMetricFamily("model_gateway_pool_memory_bytes",
+                                  "Memory (PSS) of all runners together")
+        total.add_metric([], float(self.pool.memory))
+        yield total
+
+
+class GatewayMetrics(PoolEvents):
+    """The gateway's metrics; also the pool's event observer."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("model_gateway_requests_total", "Proxied requests by status class",
+                                ["name", "alias", "status_class"], registry=r)
+        self.latency = Histogram("model_gateway_request_duration_seconds",
+                                 "Gateway-side request latency, queueing and cold start included",
+                                 ["name", "alias"], buckets=LATENCY_BUCKETS, registry=r)
+        self.cold_starts = Counter("model_gateway_cold_starts_total", "Cold starts by outcome",
+                                   ["name", "alias", "outcome"], registry=r)
+        self.cold_start_seconds = Histogram("model_gateway_cold_start_duration_seconds",
+                                            "Time from first request to a ready runner",
+                                            ["name", "alias"], buckets=COLD_BUCKETS, registry=r)
+        self.cutovers = Counter("model_gateway_cutovers_total", "Blue-green cutovers by outcome",
+                                ["name", "alias", "outcome"], registry=r)
+        self.evictions = Counter("model_gateway_evictions_total", "Runners evicted, by reason",
+                                 ["name", "alias", "reason"], registry=r)
+        self.restarts = Counter("model_gateway_runner_restarts_total",
+                                "Runners that exited or hung unexpectedly", ["name", "alias"],
+                                registry=r)
+        self.poll_failures = Counter("model_gateway_registry_poll_failures_total",
+                                     "Failed registry re-resolutions", registry=r)
+        self.webhooks = Counter("model_gateway_webhook_deliveries_total",
+                                "Registry webhook deliveries", ["result"], registry=r)
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def watch(self, pool: RunnerPool) -> None:
+        self.registry.register(_PoolCollector(pool))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- the request path -----------------------------------------------------------------
+    def observe_request(self, name: str, alias: str, status: int, seconds: float) -> None:
+        key = (name, alias, status // 100)
+        children = self._request_children.get(key)
+        if children is None:  # label lookups once per endpoint and class, not per request
+            children = (self.requests.labels(name, alias, f"{status // 100}xx"),
+                        self.latency.labels(name, alias))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    # -- PoolEvents -----------------------------------------------------------------------
+    def cold_start(self, ep: Endpoint, seconds: float, ok: bool) -> None:
+        self.cold_starts.labels(ep.spec.name, ep.spec.alias, "ok" if ok else "failed").inc()
+        if ok:
+            self.cold_start_seconds.labels(ep.spec.name, ep.spec.alias).observe(seconds)
+
+    def cutover(self, ep: Endpoint, ok: bool) -> None:
+        self.cutovers.labels(ep.spec.name, ep.spec.alias, "succeeded" if ok else "failed").inc()
+
+    def eviction(self, ep: Endpoint, reason: str) -> None:
+        self.evictions.labels(ep.spec.name, ep.spec.alias, reason).inc()
+
+    def restart(self, ep: Endpoint) -> None:
+        self.restarts.labels(ep.spec.name, ep.spec.alias).inc()
+
+    def poll_failure(self, ep: Endpoint) -> None:
+        self.poll_failures.inc()
