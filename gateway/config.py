@@ -65,6 +65,7 @@ class PoolConfig(_Strict):
     idle_timeout: Duration = 600.0
     queue_timeout: Duration = 30.0
     memory_limit: Size = 0
+    health_interval: Duration = Field(10.0, gt=0)
 
 
 class AuthConfig(_Strict):
@@ -125,7 +126,8 @@ class GatewayConfig(_Strict):
     def pool_spec(self, state_dir: str | None = None) -> PoolSpec:
         return PoolSpec(max_runners=self.pool.max_runners, idle_timeout=self.pool.idle_timeout,
                         queue_timeout=self.pool.queue_timeout,
-                        memory_limit=self.pool.memory_limit, tracking_uri=self.tracking_uri,
+                        memory_limit=self.pool.memory_limit,
+                        health_interval=self.pool.health_interval, tracking_uri=self.tracking_uri,
                         registry_uri=self.registry_uri, state_dir=state_dir)
 
 

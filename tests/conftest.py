@@ -116,6 +116,20 @@ class GatewayProcess:
         return self.proc.returncode
 
 
+def metric(gw: GatewayProcess, series: str, /, **labels: str) -> float:
+    """One sample of the gateway's /metrics (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in gw.client.get("/metrics").text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        sample, value = line.rsplit(" ", 1)
+        base, _, rest = sample.partition("{")
+        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if base == series and got == want:
+            return float(value)
+    return 0.0
+
+
 def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

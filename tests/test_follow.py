@@ -28,21 +28,24 @@ class Load:
 
     def __init__(self, gw: GatewayProcess, name: str, alias: str, clients: int = 8) -> None:
         self.url = f"{gw.url}/models/{name}/{alias}/invocations"
-        self.answers: list[list[tuple[float, int, Any, str]]] = [[] for _ in range(clients)]
+        # (answered at, status, prediction or error text, X-Model-Version, sent at)
+        self.answers: list[list[tuple[float, int, Any, str, float]]] = [
+            [] for _ in range(clients)]
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
 
     def _run(self, i: int) -> None:
         with httpx.Client(timeout=60) as client:
             while not self._stop.is_set():
+                sent = time.monotonic()
                 try:
                     resp = client.post(self.url, json=X)
                     value = resp.json().get("predictions", [None])[0] if resp.status_code == 200 \
                         else resp.text
                     self.answers[i].append((time.monotonic(), resp.status_code, value,
-                                            resp.headers.get("x-model-version", "")))
+                                            resp.headers.get("x-model-version", ""), sent))
                 except httpx.HTTPError as exc:
-                    self.answers[i].append((time.monotonic(), 0, repr(exc), ""))
+                    self.answers[i].append((time.monotonic(), 0, repr(exc), "", sent))
 
     def __enter__(self) -> Load:
         for t in self._threads:
@@ -55,10 +58,10 @@ class Load:
             t.join(90)
 
     @property
-    def all(self) -> list[tuple[float, int, Any, str]]:
+    def all(self) -> list[tuple[float, int, Any, str, float]]:
         return [a for client in self.answers for a in client]
 
-    def failures(self) -> list[tuple[float, int, Any, str]]:
+    def failures(self) -> list[tuple[float, int, Any, str, float]]:
         return [a for a in self.all if a[1] != 200]
 
     def saw(self, value: float) -> bool:

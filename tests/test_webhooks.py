@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from gateway.webhooks import signature
 from tests.conftest import ROOT, free_port, wait_for
 from tests.registry import Registry
-from tests.test_follow import X, Load
+from tests.test_follow import Load, X
 
 SECRET = "webhook-secret-for-tests"
 
