@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -13,12 +14,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runners import Endpoint, RunnerPool, VersionWatcher
+from runners import RunnerPool, VersionWatcher
 
-from .auth import TokenSet, bearer
-from .config import GatewayConfig
+from .admin import AdminAPI, webhook_verifier
+from .auth import TokenSet
+from .config import ConfigError, GatewayConfig
 from .metrics import CONTENT_TYPE, GatewayMetrics
 from .proxy import ModelProxy
+from .responses import json_error, not_declared
 from .webhooks import WebhookRejected, WebhookVerifier
 
 log = logging.getLogger("model_gateway")
@@ -27,24 +30,54 @@ log = logging.getLogger("model_gateway")
 class Gateway:
     """Holds what one running gateway owns: its config, runner pool and version watcher."""
 
-    def __init__(self, config: GatewayConfig, *, owner: str | None = None) -> None:
+    def __init__(self, config: GatewayConfig, *, owner: str | None = None,
+                 config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.owner = owner or f"gateway@{config.server.host}:{config.server.port}"
         self.metrics = GatewayMetrics()
         self.pool = RunnerPool(config.pool_spec(), config.endpoint_specs(), self.owner,
                                events=self.metrics)
         self.metrics.watch(self.pool)
         self.watcher = VersionWatcher(self.pool)
-        self.admin_tokens = TokenSet(config.auth.admin_tokens)
-        self.webhooks = WebhookVerifier(config.webhook_secret) if config.webhook_secret else None
+        self.admin = AdminAPI(self)
+        self.admin_tokens = TokenSet([])
+        self.webhooks: WebhookVerifier | None = None
+        self.apply_access(config)
         self.ready = False
+        self._hangup = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def apply_access(self, config: GatewayConfig) -> None:
+        """Tokens and the webhook secret: read at start and on every config reload."""
+        self.admin_tokens = TokenSet(config.auth.admin_tokens)
+        if self.webhooks is None or self.webhooks.secret != config.webhook_secret:
+            self.webhooks = webhook_verifier(config)
+
+    def hangup(self) -> None:
+        """SIGHUP arrived (called from the signal handler): only record it."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._hangup.set)
+
+    async def _reload_on_hangup(self) -> None:
+        while True:
+            await self._hangup.wait()
+            self._hangup.clear()
+            try:
+                await self.admin.reloader.reload()
+            except ConfigError as exc:
+                log.error("SIGHUP: config not reloaded, nothing changed: %s", exc)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self._loop = asyncio.get_running_loop()
         await self.pool.start()
         self.watcher.start()
+        self.pool.spawn(self._reload_on_hangup(), "sighup-reload")
         self.ready = True
         log.info("gateway ready with %d endpoints", len(self.pool.endpoints))
+        if not self.admin_tokens:
+            log.info("admin API disabled: no auth.admin_tokens configured")
         try:
             yield
         finally:
@@ -62,9 +95,8 @@ class Gateway:
             return JSONResponse({"status": "starting"}, status_code=503)
         waiting = self.pool.not_ready()
         if waiting:  # names and states only: no URIs, paths or tokens on a probe route
-            reasons = [w.split(" (", 1)[0] for w in waiting]
             return JSONResponse({"status": "waiting for preloaded endpoints",
-                                 "endpoints": reasons}, status_code=503)
+                                 "endpoints": waiting}, status_code=503)
         return JSONResponse({"status": "ready", "endpoints": len(self.pool.endpoints)})
 
     async def list_models(self, request: Request) -> Response:
@@ -73,49 +105,19 @@ class Gateway:
     async def model_status(self, request: Request) -> Response:
         ep = self.pool.endpoints.get((request.path_params["name"], request.path_params["alias"]))
         if ep is None:
-            return _json_error(404, "endpoint_not_found",
-                               "no endpoint is declared with that name and alias")
+            return not_declared()
         return JSONResponse(ep.status())
-
-    def _endpoint(self, request: Request) -> Endpoint | None:
-        return self.pool.endpoints.get((request.path_params["name"],
-                                        request.path_params["alias"]))
-
-    def _refuse_admin(self, request: Request) -> Response | None:
-        """None when the request carries an admin token; the refusal otherwise."""
-        if not self.admin_tokens:
-            return _json_error(403, "admin_disabled",
-                               "admin routes are disabled: no admin token is configured")
-        if not self.admin_tokens.accepts(bearer(request.headers.get("authorization"))):
-            return _json_error(401, "unauthorized", "a valid admin token is required",
-                               {"WWW-Authenticate": 'Bearer realm="model-gateway-admin"'})
-        return None
-
-    async def reload(self, request: Request) -> Response:
-        """Re-resolve now; ``?wait=true`` answers after the cutover (if any) is done."""
-        refused = self._refuse_admin(request)
-        if refused is not None:
-            return refused
-        ep = self._endpoint(request)
-        if ep is None:
-            return _json_error(404, "endpoint_not_found",
-                               "no endpoint is declared with that name and alias")
-        if request.query_params.get("wait") in ("1", "true", "yes"):
-            await self.watcher.refresh(ep, force=True)
-            return JSONResponse(ep.status())
-        self.watcher.refresh_now(ep)
-        return JSONResponse(ep.status(), status_code=202)
 
     async def webhook(self, request: Request) -> Response:
         if self.webhooks is None:
-            return _json_error(404, "webhooks_disabled", "no webhook_secret is configured")
+            return json_error(404, "webhooks_disabled", "no webhook_secret is configured")
         body = await request.body()
         try:
             event = self.webhooks.verify(dict(request.headers), body)
         except WebhookRejected as exc:
             self.metrics.webhooks.labels("rejected").inc()
             log.warning("webhook rejected: %s", exc)
-            return _json_error(exc.status, exc.code, str(exc))
+            return json_error(exc.status, exc.code, str(exc))
         self.metrics.webhooks.labels("accepted").inc()
         hits = self.watcher.trigger(event.model_name) if event.model_name else []
         log.info("webhook %s.%s for model %r: re-resolving %d endpoint(s)", event.entity,
@@ -132,15 +134,9 @@ class Gateway:
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/models", self.list_models, methods=["GET"]),
             Route("/models/{name}/{alias}", self.model_status, methods=["GET"]),
-            Route("/models/{name}/{alias}/reload", self.reload, methods=["POST"]),
             Route("/hooks/mlflow", self.webhook, methods=["POST"]),
+            *self.admin.routes(),
         ]
-
-
-def _json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None
-                ) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
-                        headers=headers)
 
 
 async def _http_error(request: Request, exc: Any) -> Response:
@@ -148,17 +144,18 @@ async def _http_error(request: Request, exc: Any) -> Response:
     # Never echo the raw path back: a generic message per status.
     codes = {404: ("not_found", "no such route"), 405: ("method_not_allowed", "method not allowed")}
     code, message = codes.get(exc.status_code, ("http_error", str(exc.detail)))
-    return _json_error(exc.status_code, code, message, getattr(exc, "headers", None))
+    return json_error(exc.status_code, code, message, getattr(exc, "headers", None))
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return _json_error(500, "internal_error", "internal error")
+    return json_error(500, "internal_error", "internal error")
 
 
-def build_app(config: GatewayConfig, *, owner: str | None = None) -> tuple[ModelProxy, Gateway]:
+def build_app(config: GatewayConfig, *, owner: str | None = None,
+              config_path: str | None = None) -> tuple[ModelProxy, Gateway]:
     """The ASGI app to serve, and the Gateway behind it."""
-    gateway = Gateway(config, owner=owner)
+    gateway = Gateway(config, owner=owner, config_path=config_path)
     app = Starlette(routes=gateway.routes(), lifespan=gateway.lifespan,
                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
     return ModelProxy(app, gateway.pool), gateway

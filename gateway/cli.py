@@ -18,21 +18,25 @@ def _config_path(arg: str | None) -> str:
     return arg or os.environ.get("MODEL_GATEWAY_CONFIG") or DEFAULT_CONFIG
 
 
-def run(config: GatewayConfig) -> int:
+def run(config: GatewayConfig, config_path: str | None = None) -> int:
     """Serve until SIGTERM/SIGINT; then drain, stop every runner and return 0."""
     import uvicorn
 
     from .app import build_app
     from .server import GatewayServer
 
-    app, _ = build_app(config)
+    app, gateway = build_app(config, config_path=config_path)
     drains = [s.drain_timeout for s in config.endpoint_specs()] or [config.defaults.drain_timeout]
     drain = max(drains)
+    # uvloop and httptools explicitly (both come with uvicorn[standard]): "auto" would fall
+    # back to asyncio and h11 silently, at several times the cost per request. The proxy
+    # logs its own access line, so uvicorn's is off.
     server = GatewayServer(uvicorn.Config(
         app, host=config.server.host, port=config.server.port, lifespan="on",
-        loop="auto", http="auto", access_log=False, log_config=None,
+        loop="uvloop", http="httptools", access_log=False, log_config=None,
         timeout_graceful_shutdown=int(drain) or None, server_header=False,
     ))
+    server.on_hangup = gateway.hangup  # SIGHUP re-reads the config file
     server.run()
     return 0 if server.started else 1
 
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check-config":
             return check_config(args.path)
-        config = load_config(_config_path(args.config))
+        config_path = _config_path(args.config)
+        config = load_config(config_path)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         server = config.server.model_copy(update={
             k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
         config = config.model_copy(update={"server": server})
-    return run(config)
+    return run(config, config_path)
 
 
 if __name__ == "__main__":

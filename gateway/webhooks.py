@@ -44,7 +44,7 @@ class WebhookVerifier:
     """Checks one delivery; remembers delivery ids for twice the allowed age."""
 
     def __init__(self, secret: str) -> None:
-        self._secret = secret
+        self.secret = secret
         self._seen: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=2 * MAX_AGE)
 
     def verify(self, headers: dict[str, str], body: bytes, now: float | None = None
@@ -54,7 +54,7 @@ class WebhookVerifier:
         sent = headers.get("x-mlflow-signature", "")
         if not (delivery and stamp and sent):
             raise WebhookRejected(401, "signature_missing", "signed MLflow webhook expected")
-        expected = signature(self._secret, delivery, stamp, body)
+        expected = signature(self.secret, delivery, stamp, body)
         if not any(hmac.compare_digest(expected, s.strip()) for s in sent.split(" ") if s):
             raise WebhookRejected(401, "signature_invalid", "webhook signature does not match")
         try:

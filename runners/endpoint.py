@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -12,6 +13,14 @@ from .target import ModelTarget
 
 COLD, STARTING, READY, FAILED, STOPPING = "cold", "starting", "ready", "failed", "stopping"
 BACKOFF_BASE, BACKOFF_CAP = 1.0, 60.0
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(uri: str | None) -> str | None:
+    """A URI without credentials (``https://user:token@host`` → ``https://***@host``)."""
+    return _USERINFO.sub("***@", uri) if uri else uri
 
 
 def backoff(failures: int) -> float:
@@ -25,6 +34,7 @@ class Endpoint:
     def __init__(self, spec: EndpointSpec) -> None:
         self.spec = spec
         self.target = ModelTarget.parse(spec.model_uri)
+        self.slots = asyncio.Semaphore(spec.max_concurrency) if spec.max_concurrency else None
         self.state = COLD
         self.runner: Runner | None = None  # serving (blue)
         self.pending: Runner | None = None  # starting beside it during a cutover (green)
@@ -43,7 +53,15 @@ class Endpoint:
         self.last_poll_error: str | None = None
         self.poll_failures = 0
         self.last_memory = 0  # bytes its last runner used: the estimate for its next start
+        self.last_output: list[str] = []  # the last runner's output, kept after it exited
+
+    def use_spec(self, spec: EndpointSpec) -> None:
+        """Adopt a changed spec (config reload); runners started from now on use it."""
+        self.spec = spec
+        self.target = ModelTarget.parse(spec.model_uri)
         self.slots = asyncio.Semaphore(spec.max_concurrency) if spec.max_concurrency else None
+        self.start_failures, self.retry_at = 0, 0.0
+        self.failed_version, self.cutover_failures, self.cutover_retry_at = None, 0, 0.0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -55,10 +73,10 @@ class Endpoint:
             "name": self.spec.name,
             "alias": self.spec.alias,
             "state": self.state,
-            "model_uri": self.spec.model_uri,
+            "model_uri": redact(self.spec.model_uri),
             "follows_registry": self.target.follows,
             "version": self.version,
-            "served_uri": runner.model_uri if runner else None,
+            "served_uri": redact(runner.model_uri) if runner else None,
             "runner": runner.describe() if runner else None,
             "pending_version": self.pending_version,
             "pending_runner": self.pending.describe() if self.pending else None,

@@ -129,6 +129,13 @@ class RunnerPool:
         if runner.in_flight == 0:
             self._notify_slot()
 
+    async def warm(self, ep: Endpoint) -> Runner:
+        """Start ``ep``'s runner now if it is cold (an operator warming it up)."""
+        runner = ep.runner
+        if runner is not None and runner.is_alive and not runner.stopping:
+            return runner
+        return await self._ensure_runner(ep)
+
     async def _ensure_runner(self, ep: Endpoint) -> Runner:
         if ep.start_task is None:
             wait = ep.retry_at - time.monotonic()
@@ -213,6 +220,7 @@ class RunnerPool:
             self.runners.discard(runner)
             self.ports.release(runner.port)
             self._notify_slot()
+        ep.last_output = runner.tail()
         if ep.runner is runner:
             ep.runner = None
             if runner.stopping:
@@ -294,6 +302,21 @@ class RunnerPool:
             log.warning("runner pid %s still had %d requests after drain_timeout; stopping",
                         runner.pid, runner.in_flight)
         await runner.stop(grace=10)
+
+    def add_endpoint(self, spec: EndpointSpec) -> Endpoint:
+        ep = Endpoint(spec)
+        self.endpoints[spec.key] = ep
+        if spec.preload:
+            self.spawn(self._preload(ep), f"preload-{spec.label}")
+        return ep
+
+    async def remove_endpoint(self, key: tuple[str, str]) -> None:
+        """Undeclare an endpoint: new requests get 404 at once; its runner drains and stops."""
+        ep = self.endpoints.pop(key, None)
+        if ep is not None:
+            if ep.start_task is not None:
+                ep.start_task.cancel()
+            await self.stop_endpoint(ep)
 
     async def stop_endpoint(self, ep: Endpoint) -> None:
         """Take an endpoint's runner out of service, drained; the endpoint goes cold."""

@@ -22,6 +22,7 @@ from .errors import ResolveError, RunnerError, RunnerStartError
 from .pool import RunnerPool
 from .registry import Resolved
 from .runner import Runner
+from .spec import EndpointSpec
 
 log = logging.getLogger("model_gateway.watcher")
 
@@ -108,6 +109,26 @@ class VersionWatcher:
                 and time.monotonic() < ep.cutover_retry_at):
             return
         await self._cutover(ep, resolved)
+
+    async def replace(self, ep: Endpoint, spec: EndpointSpec) -> None:
+        """Adopt a changed spec; a live endpoint moves to a runner started from it, blue-green.
+
+        If the new runner fails, the old spec and runner stay in service.
+        """
+        old = ep.spec
+        ep.use_spec(spec)
+        if ep.runner is None or ep.state != READY:
+            return
+        try:
+            resolved = await self.pool.registry.resolve(spec.model_uri, example=True)
+        except ResolveError as exc:
+            ep.use_spec(old)
+            ep.last_error = f"config change not applied: cannot resolve {spec.model_uri}: {exc}"
+            raise RunnerStartError(ep.last_error) from exc
+        await self._cutover(ep, resolved)
+        if ep.failed_version is not None or ep.runner is None or ep.runner.spec is not spec:
+            ep.use_spec(old)
+            raise RunnerStartError(ep.last_error or "config change not applied")
 
     async def _cutover(self, ep: Endpoint, resolved: Resolved) -> None:
         blue = ep.runner
