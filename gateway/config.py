@@ -75,7 +75,7 @@ class AuthConfig(_Strict):
 
 class EndpointDefaults(_Strict):
     env_manager: Literal["local", "virtualenv", "uv", "conda"] = "local"
-    launcher: Literal["cli", "direct"] = "direct"
+    launcher: Literal["cli", "direct", "fork"] = "fork"
     workers: int = Field(1, ge=1)
     startup_timeout: Duration = Field(300.0, gt=0)
     request_timeout: Duration = Field(60.0, gt=0)
@@ -89,7 +89,7 @@ class EndpointConfig(_Strict):
     alias: str = Field(min_length=1, pattern=_NAME)
     model_uri: str | None = None
     env_manager: Literal["local", "virtualenv", "uv", "conda"] | None = None
-    launcher: Literal["cli", "direct"] | None = None
+    launcher: Literal["cli", "direct", "fork"] | None = None
     workers: int | None = Field(None, ge=1)
     startup_timeout: Duration | None = Field(None, gt=0)
     request_timeout: Duration | None = Field(None, gt=0)

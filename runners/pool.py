@@ -14,7 +14,8 @@ import aiohttp
 from .endpoint import COLD, FAILED, READY, STARTING, STOPPING, Endpoint, backoff
 from .errors import PoolBusy, ResolveError, RunnerError, RunnerStartError, StartBackoff
 from .events import PoolEvents
-from .launch import find_leftovers, kill_group, runner_env
+from .forked import ForkedProcess, Zygote
+from .launch import effective_launcher, find_leftovers, kill_group, runner_env, spawn
 from .memory import group_memory
 from .ports import PortAllocator
 from .registry import RegistryClient, Resolved
@@ -52,6 +53,7 @@ class RunnerPool:
         self._reserved: list[int] = []  # expected bytes of cold starts not launched yet
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._zygote: asyncio.Task[Zygote] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -61,9 +63,28 @@ class RunnerPool:
         await self.watchdog.start()
         self.spawn(self.registry.start(), "registry-start")
         self.spawn(self._housekeeping(), "housekeeping")
+        if any(effective_launcher(ep.spec) == "fork" for ep in self.endpoints.values()):
+            self._start_zygote()  # import MLflow once, now, not on the first cold request
         for ep in self.endpoints.values():
             if ep.spec.preload:
                 self.spawn(self._preload(ep), f"preload-{ep.spec.label}")
+
+    def _start_zygote(self) -> asyncio.Task[Zygote]:
+        task = self._zygote
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None
+                                             or not task.result().is_alive)):
+            async def start() -> Zygote:
+                zygote = Zygote(self.env)
+                await zygote.start()
+                return zygote
+            task = self._zygote = asyncio.create_task(start(), name="zygote-start")
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen, not lost
+        return task
+
+    async def _fork(self, argv: list[str], env: dict[str, str]) -> ForkedProcess:
+        """The fork launcher: the zygote (started again if it died) forks the runner."""
+        zygote = await asyncio.shield(self._start_zygote())
+        return await zygote.spawn(argv, env)
 
     async def close(self) -> None:
         """Stop every runner (SIGTERM, then SIGKILL of its group), the resolver, the watchdog."""
@@ -77,8 +98,20 @@ class RunnerPool:
                 self.watchdog.unwatch(runner.pid)
         for ep in self.endpoints.values():
             ep.runner, ep.pending, ep.state = None, None, COLD
+        await self._close_zygote()
         await self.registry.close()
         await self.watchdog.close()
+
+    async def _close_zygote(self) -> None:
+        task, self._zygote = self._zygote, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            zygote = await task
+        except (asyncio.CancelledError, RunnerError):
+            return
+        await zygote.close()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """A background task the pool keeps a reference to and cancels on close."""
@@ -187,7 +220,9 @@ class RunnerPool:
     async def launch(self, ep: Endpoint, resolved: Resolved, *, pending: bool = False) -> Runner:
         """Start a runner for ``resolved`` and wait until it answers /ping."""
         for attempt in (1, 2):
-            runner = Runner(ep.spec, resolved.uri, resolved.version, self.ports.acquire(), self.env)
+            spawner = self._fork if effective_launcher(ep.spec) == "fork" else spawn
+            runner = Runner(ep.spec, resolved.uri, resolved.version, self.ports.acquire(),
+                            self.env, spawner)
             self.runners.add(runner)
             if pending:
                 ep.pending = runner

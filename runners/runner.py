@@ -7,6 +7,8 @@ import collections
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -15,6 +17,9 @@ from .launch import kill_group, runner_argv, spawn
 from .spec import EndpointSpec
 
 log = logging.getLogger("model_gateway.runner")
+
+# Starts argv with env and returns the process: ``launch.spawn``, or a zygote's fork.
+Spawner = Callable[[list[str], dict[str, str]], Awaitable[Any]]
 
 OUTPUT_LINES = 50
 
@@ -27,14 +32,15 @@ class Runner:
     """
 
     def __init__(self, spec: EndpointSpec, model_uri: str, version: str | None,
-                 port: int, env: dict[str, str]) -> None:
+                 port: int, env: dict[str, str], spawner: Spawner = spawn) -> None:
         self.spec = spec
         self.model_uri = model_uri
         self.version = version
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self._env = env
-        self._proc: asyncio.subprocess.Process | None = None
+        self._spawner = spawner
+        self._proc: Any = None  # asyncio.subprocess.Process or forked.ForkedProcess
         self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
@@ -88,7 +94,7 @@ class Runner:
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         argv = runner_argv(self.spec, self.model_uri, self.port)
-        self._proc = await spawn(argv, self._env)
+        self._proc = await self._spawner(argv, self._env)
         self.started_at = time.time()
         self._reader = asyncio.create_task(self._read_output(), name=f"runner-output-{self.pid}")
         self._watcher = asyncio.create_task(self._watch_exit(), name=f"runner-exit-{self.pid}")

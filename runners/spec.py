@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LAUNCHERS = ("cli", "direct")
+LAUNCHERS = ("cli", "direct", "fork")
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
 
 
@@ -14,7 +14,7 @@ class EndpointSpec:
     alias: str
     model_uri: str
     env_manager: str = "local"
-    launcher: str = "direct"
+    launcher: str = "fork"
     workers: int = 1
     startup_timeout: float = 300.0
     request_timeout: float = 60.0

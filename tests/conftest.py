@@ -45,9 +45,11 @@ def is_runner(proc: psutil.Process) -> bool:
     """A runner's top process (direct launch, or the CLI of `mlflow models serve`)."""
     try:
         cmd = " ".join(proc.cmdline())
+        name = proc.name()
     except psutil.Error:
         return False
-    return "runners.serve" in cmd or " models serve " in cmd
+    # A forked runner keeps the zygote's command line; it names itself mg-runner.
+    return "runners.serve" in cmd or " models serve " in cmd or name == "mg-runner"
 
 
 def runner_processes(owner: str) -> list[psutil.Process]:

@@ -22,10 +22,16 @@ IRIS = {"dataframe_split": {"columns": IRIS_COLUMNS, "data": ROWS}}
 EXPECTED = [0, 2]
 
 
-@pytest.fixture(scope="module")
-def gw(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """One gateway with warm runners, shared by the read-only tests of this module."""
-    config = {"tracking_uri": registry.tracking_uri, "defaults": {"startup_timeout": "2m"},
+@pytest.fixture(scope="module", params=["fork", "direct", "cli"])
+def gw(request: pytest.FixtureRequest, registry: Registry,
+       tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One gateway with warm runners, shared by the read-only tests of this module.
+
+    Every launcher must serve the same protocol with the same errors, so the module runs
+    once per launcher (``defaults.launcher``).
+    """
+    config = {"tracking_uri": registry.tracking_uri,
+              "defaults": {"startup_timeout": "2m", "launcher": request.param},
               "endpoints": [
                   {"name": "iris", "alias": "champion"},
                   {"name": "iris", "alias": "cli", "model_uri": "models:/iris@champion",
