@@ -25,6 +25,7 @@ from .responses import json_error, not_declared
 from .webhooks import WebhookRejected, WebhookVerifier
 
 log = logging.getLogger("model_gateway")
+ACCESS_LOGGER = "model_gateway.access"
 
 
 class Gateway:
@@ -51,6 +52,8 @@ class Gateway:
     def apply_access(self, config: GatewayConfig) -> None:
         """Tokens and the webhook secret: read at start and on every config reload."""
         self.admin_tokens = TokenSet(config.auth.admin_tokens)
+        self.inference = config.inference_policy()
+        logging.getLogger(ACCESS_LOGGER).disabled = not config.access_log
         if self.webhooks is None or self.webhooks.secret != config.webhook_secret:
             self.webhooks = webhook_verifier(config)
 
@@ -78,6 +81,8 @@ class Gateway:
         log.info("gateway ready with %d endpoints", len(self.pool.endpoints))
         if not self.admin_tokens:
             log.info("admin API disabled: no auth.admin_tokens configured")
+        if self.inference.open:
+            log.info("inference routes are open: no auth.api_keys configured")
         try:
             yield
         finally:

@@ -40,3 +40,32 @@ class TokenSet:
         for known in self._tokens:  # no early exit: the time does not tell which one matched
             ok |= hmac.compare_digest(candidate, known)
         return ok
+
+
+class InferencePolicy:
+    """Who may call an endpoint's model routes.
+
+    ``auth.api_keys`` set: a key is needed, except on ``public: true`` endpoints; an
+    endpoint with its own ``api_keys`` accepts those instead. No keys anywhere: open.
+    """
+
+    def __init__(self, api_keys: Iterable[str | None],
+                 endpoints: Iterable[tuple[tuple[str, str], bool, list[str | None] | None]]
+                 ) -> None:
+        self.default = TokenSet(api_keys)
+        self._rules: dict[tuple[str, str], TokenSet | None] = {}
+        for key, public, own in endpoints:
+            if public:
+                self._rules[key] = None
+            elif own is not None and TokenSet(own):
+                self._rules[key] = TokenSet(own)
+
+    @property
+    def open(self) -> bool:
+        return not self.default and all(r is None for r in self._rules.values())
+
+    def allows(self, key: tuple[str, str], authorization: str | None) -> bool:
+        tokens = self._rules.get(key, self.default)
+        if tokens is None or not tokens:
+            return True
+        return tokens.accepts(bearer(authorization))

@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             return check_config(args.path)
         config_path = _config_path(args.config)
         config = load_config(config_path)
+        configure(args.log_level, config.log_format)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2

@@ -17,6 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from runners import EndpointSpec, PoolSpec
 from runners.memory import parse_size
 
+from .auth import InferencePolicy
+
 
 class ConfigError(Exception):
     """A config file that cannot be used; ``errors`` holds one ``path: message`` per line."""
@@ -106,6 +108,11 @@ class GatewayConfig(_Strict):
     tracking_uri: str | None = None
     registry_uri: str | None = None
     webhook_secret: str | None = None
+    env_cache_dir: str | None = None  # model environments for env_manager uv/virtualenv/conda
+    access_log: bool = True  # one line per proxied request
+    log_format: Literal["text", "json"] = "text"
+    max_body_size: Size = Field(64 * 2**20, ge=1)  # 413 beyond it, chunked bodies too
+    max_header_size: Size = Field(64 * 2**10, ge=1)  # 431 beyond it
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
     pool: PoolConfig = PoolConfig()
@@ -123,11 +130,16 @@ class GatewayConfig(_Strict):
             specs.append(EndpointSpec(**values))
         return specs
 
+    def inference_policy(self) -> InferencePolicy:
+        return InferencePolicy(self.auth.api_keys, [((e.name, e.alias), e.public, e.api_keys)
+                                                    for e in self.endpoints])
+
     def pool_spec(self, state_dir: str | None = None) -> PoolSpec:
         return PoolSpec(max_runners=self.pool.max_runners, idle_timeout=self.pool.idle_timeout,
                         queue_timeout=self.pool.queue_timeout,
                         memory_limit=self.pool.memory_limit,
-                        health_interval=self.pool.health_interval, tracking_uri=self.tracking_uri,
+                        health_interval=self.pool.health_interval,
+                        env_cache_dir=self.env_cache_dir, tracking_uri=self.tracking_uri,
                         registry_uri=self.registry_uri, state_dir=state_dir)
 
 

@@ -12,6 +12,7 @@ from .spec import EndpointSpec
 from .target import ModelTarget
 
 COLD, STARTING, READY, FAILED, STOPPING = "cold", "starting", "ready", "failed", "stopping"
+BUILDING_ENV = "building_env"  # a cold start building the model's environment first
 BACKOFF_BASE, BACKOFF_CAP = 1.0, 60.0
 
 
@@ -39,6 +40,7 @@ class Endpoint:
         self.runner: Runner | None = None  # serving (blue)
         self.pending: Runner | None = None  # starting beside it during a cutover (green)
         self.pending_version: str | None = None
+        self.pending_state: str | None = None  # building_env / starting, during a cutover
         self.version: str | None = None
         self.last_error: str | None = None
         self.failed_version: str | None = None
@@ -79,6 +81,7 @@ class Endpoint:
             "served_uri": redact(runner.model_uri) if runner else None,
             "runner": runner.describe() if runner else None,
             "pending_version": self.pending_version,
+            "pending_state": self.pending_state if self.pending_version else None,
             "pending_runner": self.pending.describe() if self.pending else None,
             "last_error": self.last_error,
             "failed_version": self.failed_version,

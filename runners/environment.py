@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import shutil
@@ -50,6 +51,8 @@ import yaml
 
 from .errors import RunnerStartError
 from .launch import die_with_parent, kill_group
+
+log = logging.getLogger("model_gateway.environment")
 
 BUILT_MANAGERS = ("uv", "virtualenv", "conda")
 MARKER = "model-gateway-env.json"  # written last: its presence means "fully built"
@@ -302,25 +305,34 @@ def _short(argv: list[str]) -> str:
     return " ".join(shown) + (" …" if len(argv) > 4 else "")
 
 
-def _build_env(extra: Mapping[str, str] | None) -> dict[str, str]:
-    env = dict(os.environ)
-    # The gateway's own venv must not leak into the tools that build another one.
+def _build_env(base: Mapping[str, str] | None) -> dict[str, str]:
+    env = {**os.environ, **(base or {})}
+    # The gateway's own venv and source tree must not leak into the tools that build
+    # another environment; bytecode is wanted (see _check_serving).
     for name in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "CONDA_PREFIX",
                  "PYTHONDONTWRITEBYTECODE"):
         env.pop(name, None)
     env.update({"UV_PYTHON_DOWNLOADS": "never", "NO_COLOR": "1", "PIP_NO_INPUT": "1",
                 "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONUNBUFFERED": "1"})
-    env.update(extra or {})
     return env
 
 
-def _uv() -> str:
-    beside = Path(sys.executable).parent / "uv"  # the gateway's venv, activated or not
-    found = str(beside) if beside.is_file() else shutil.which("uv")
-    if not found:
-        raise EnvBuildError("uv is not installed (no `uv` beside the gateway's Python nor on "
-                            "PATH); install it with `pip install uv`")
-    return found
+def _tool(env_manager: str) -> str | None:
+    """The uv or conda executable ``env_manager`` needs (virtualenv needs none)."""
+    if env_manager == "uv":
+        beside = Path(sys.executable).parent / "uv"  # the gateway's venv, activated or not
+        found = str(beside) if beside.is_file() else shutil.which("uv")
+        if not found:
+            raise EnvBuildError("uv is not installed (no `uv` beside the gateway's Python "
+                                "nor on PATH); install it with `pip install uv`")
+        return found
+    if env_manager == "conda":
+        found = os.environ.get("CONDA_EXE") or shutil.which("conda")  # CONDA_EXE: conda's own
+        if not found:
+            raise EnvBuildError("conda is not installed (no `conda` on PATH); use env_manager "
+                                "uv or virtualenv, or install conda")
+        return found
+    return None
 
 
 async def _find_python(version: str, steps: _Steps, uv: str | None) -> str:
@@ -358,6 +370,7 @@ async def build_environment(model_dir: Path, env_manager: str, cache_dir: Path, 
     python = env_dir / "bin" / "python"  # not resolved: the venv's python, not its base
     if _is_built(env_dir, python):
         return python
+    tool = _tool(env_manager)  # a missing uv or conda fails before anything is touched
     deadline = time.monotonic() + timeout
     steps = _Steps(f"building the {env_manager} environment {spec.key} for {model_dir}",
                    deadline, _build_env(env), on_output)
@@ -374,11 +387,13 @@ async def build_environment(model_dir: Path, env_manager: str, cache_dir: Path, 
         began = time.monotonic()
         try:
             if env_manager == "conda":
-                await _build_conda(spec, env_dir, steps)
+                await _build_conda(spec, env_dir, steps, tool or "conda")
             else:
-                await _build_venv(spec, Path(model_dir), env_dir, steps)
+                await _build_venv(spec, Path(model_dir), env_dir, steps, tool)
             await _check_serving(env_dir / "bin" / "python", steps)
             _write_marker(env_dir, spec, time.monotonic() - began)
+            log.info("built the %s environment %s in %.1fs", env_manager, spec.key,
+                     time.monotonic() - began)
         except BaseException as exc:
             await _discard(env_dir)
             if isinstance(exc, OSError):  # disk full, permissions: still a clear 503
@@ -387,8 +402,8 @@ async def build_environment(model_dir: Path, env_manager: str, cache_dir: Path, 
     return python
 
 
-async def _build_venv(spec: ModelEnv, model_dir: Path, env_dir: Path, steps: _Steps) -> None:
-    uv = _uv() if spec.env_manager == "uv" else None
+async def _build_venv(spec: ModelEnv, model_dir: Path, env_dir: Path, steps: _Steps,
+                     uv: str | None) -> None:
     base = await _find_python(spec.python, steps, uv)
     python = str(env_dir / "bin" / "python")
     if uv:
@@ -404,11 +419,7 @@ async def _build_venv(spec: ModelEnv, model_dir: Path, env_dir: Path, steps: _St
     await steps.run([*pip, *spec.install], cwd=model_dir)
 
 
-async def _build_conda(spec: ModelEnv, env_dir: Path, steps: _Steps) -> None:
-    conda = os.environ.get("CONDA_EXE") or shutil.which("conda")  # CONDA_EXE: set by conda
-    if conda is None:
-        raise EnvBuildError("conda is not installed (no `conda` on PATH); use env_manager "
-                            "uv or virtualenv, or install conda")
+async def _build_conda(spec: ModelEnv, env_dir: Path, steps: _Steps, conda: str) -> None:
     assert spec.conda_file is not None
     await steps.run([conda, "env", "create", "--quiet", "--prefix", str(env_dir),
                      "--file", str(spec.conda_file)])

@@ -28,12 +28,22 @@ OWNER_ENV = "MODEL_GATEWAY_OWNER"
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+SERVE_SCRIPT = str(Path(__file__).resolve().with_name("serve.py"))
+
+
 def effective_launcher(spec: EndpointSpec) -> str:
-    return spec.launcher if spec.env_manager == "local" else "cli"
+    """Another env_manager than local: ``env``, serve.py run by the model's own python."""
+    return spec.launcher if spec.env_manager == "local" else "env"
 
 
-def runner_argv(spec: EndpointSpec, model_uri: str, port: int) -> list[str]:
+def runner_argv(spec: EndpointSpec, model_uri: str, port: int,
+                python: Path | None = None) -> list[str]:
     common = ["--workers", str(spec.workers), "--timeout", str(int(spec.request_timeout))]
+    if python is not None:
+        # By path, not `-m runners.serve`: the model's environment has neither this
+        # package nor aiohttp, and serve.py imports only MLflow.
+        return [str(python), SERVE_SCRIPT, "--model-uri", model_uri,
+                "--host", "127.0.0.1", "--port", str(port), *common]
     if effective_launcher(spec) in ("direct", "fork"):
         return [sys.executable, "-m", "runners.serve", "--model-uri", model_uri,
                 "--host", "127.0.0.1", "--port", str(port), *common]
@@ -55,6 +65,16 @@ def runner_env(pool: PoolSpec, owner: str) -> dict[str, str]:
     env[OWNER_ENV] = owner
     env.update(pool.extra_env)
     return env
+
+
+def model_env_vars(env: dict[str, str], python: Path) -> dict[str, str]:
+    """A runner's environment for a built model environment: its bin/ first on PATH, no
+    gateway venv or source tree on the path, and bytecode saved (PYTHONDONTWRITEBYTECODE
+    would make every start recompile the model's libraries: seconds each time)."""
+    out = {k: v for k, v in env.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")}
+    out["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
+    return out
 
 
 def die_with_parent(parent_pid: int) -> None:

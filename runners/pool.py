@@ -7,15 +7,24 @@ import logging
 import signal
 import time
 from collections.abc import Coroutine, Iterable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .endpoint import COLD, FAILED, READY, STARTING, STOPPING, Endpoint, backoff
+from .endpoint import BUILDING_ENV, COLD, FAILED, READY, STARTING, STOPPING, Endpoint, backoff
+from .environment import build_environment, default_cache_dir, download_model
 from .errors import PoolBusy, ResolveError, RunnerError, RunnerStartError, StartBackoff
 from .events import PoolEvents
 from .forked import ForkedProcess, Zygote
-from .launch import effective_launcher, find_leftovers, kill_group, runner_env, spawn
+from .launch import (
+    effective_launcher,
+    find_leftovers,
+    kill_group,
+    model_env_vars,
+    runner_env,
+    spawn,
+)
 from .memory import group_memory
 from .ports import PortAllocator
 from .registry import RegistryClient, Resolved
@@ -217,12 +226,45 @@ class RunnerPool:
         finally:
             ep.start_task = None
 
+    async def _prepare_env(self, ep: Endpoint, resolved: Resolved, deadline: float, *,
+                           pending: bool) -> tuple[Path, Path]:
+        """Download the model and build (or reuse) its environment: (python, model dir).
+
+        Counts toward startup_timeout; shown as ``building_env`` (``pending_state`` during
+        a cutover, while blue keeps serving)."""
+        def mark(state: str) -> None:
+            if pending:
+                ep.pending_state = state
+            elif ep.state in (STARTING, BUILDING_ENV):
+                ep.state = state
+
+        cache = Path(self.spec.env_cache_dir) if self.spec.env_cache_dir else default_cache_dir()
+        extra = {"endpoint": ep.spec.label, "version": resolved.version}
+        mark(BUILDING_ENV)
+        model_dir = await download_model(resolved.uri, cache / "models", env=self.env,
+                                         timeout=max(0.0, deadline - time.monotonic()))
+        python = await build_environment(
+            model_dir, ep.spec.env_manager, cache, env=self.env,
+            timeout=max(0.0, deadline - time.monotonic()),
+            on_output=lambda line: log.debug(line, extra=extra))
+        mark(STARTING)
+        return python, model_dir
+
     async def launch(self, ep: Endpoint, resolved: Resolved, *, pending: bool = False) -> Runner:
         """Start a runner for ``resolved`` and wait until it answers /ping."""
+        deadline = time.monotonic() + ep.spec.startup_timeout
+        launcher = effective_launcher(ep.spec)
+        python: Path | None = None
+        model_dir: Path | None = None
+        env = self.env
+        if launcher == "env":
+            python, model_dir = await self._prepare_env(ep, resolved, deadline, pending=pending)
+            env = model_env_vars(self.env, python)
         for attempt in (1, 2):
-            spawner = self._fork if effective_launcher(ep.spec) == "fork" else spawn
+            spawner = self._fork if launcher == "fork" else spawn
             runner = Runner(ep.spec, resolved.uri, resolved.version, self.ports.acquire(),
-                            self.env, spawner)
+                            env, spawner, python=python,
+                            model_path=str(model_dir) if model_dir else None)
             self.runners.add(runner)
             if pending:
                 ep.pending = runner
@@ -231,7 +273,7 @@ class RunnerPool:
                 await runner.start()
                 if runner.pid:
                     self.watchdog.watch(runner.pid)
-                await runner.wait_ready(ep.spec.startup_timeout)
+                await runner.wait_ready(max(1.0, deadline - time.monotonic()))
             except RunnerStartError as exc:
                 await runner.stop(grace=2)
                 # Another process took the port between our check and the runner's bind.

@@ -8,6 +8,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,9 +33,12 @@ class Runner:
     """
 
     def __init__(self, spec: EndpointSpec, model_uri: str, version: str | None,
-                 port: int, env: dict[str, str], spawner: Spawner = spawn) -> None:
+                 port: int, env: dict[str, str], spawner: Spawner = spawn, *,
+                 python: Path | None = None, model_path: str | None = None) -> None:
         self.spec = spec
-        self.model_uri = model_uri
+        self.model_uri = model_uri  # what status shows; model_path is what it loads
+        self.python = python  # a built environment's python, or None for the gateway's
+        self.model_path = model_path or model_uri
         self.version = version
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
@@ -93,7 +97,7 @@ class Runner:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        argv = runner_argv(self.spec, self.model_uri, self.port)
+        argv = runner_argv(self.spec, self.model_path, self.port, self.python)
         self._proc = await self._spawner(argv, self._env)
         self.started_at = time.time()
         self._reader = asyncio.create_task(self._read_output(), name=f"runner-output-{self.pid}")

@@ -43,4 +43,5 @@ class PoolSpec:
     tracking_uri: str | None = None
     registry_uri: str | None = None
     state_dir: str | None = None
+    env_cache_dir: str | None = None  # None: environment.default_cache_dir()
     extra_env: dict[str, str] = field(default_factory=dict)

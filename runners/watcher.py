@@ -150,7 +150,7 @@ class VersionWatcher:
                       ep.spec.label, ep.last_error, ep.version, wait)
             return
         finally:
-            ep.pending, ep.pending_version = None, None
+            ep.pending, ep.pending_version, ep.pending_state = None, None, None
         if ep.runner is not blue:  # blue died or was evicted meanwhile: green serves anyway
             blue = ep.runner
         ep.runner, ep.version, ep.state = green, resolved.version, READY

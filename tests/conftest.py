@@ -49,7 +49,8 @@ def is_runner(proc: psutil.Process) -> bool:
     except psutil.Error:
         return False
     # A forked runner keeps the zygote's command line; it names itself mg-runner.
-    return "runners.serve" in cmd or " models serve " in cmd or name == "mg-runner"
+    return ("runners.serve" in cmd or "runners/serve.py" in cmd or " models serve " in cmd
+            or name == "mg-runner")
 
 
 def runner_processes(owner: str) -> list[psutil.Process]:
