@@ -44,6 +44,7 @@ class Gateway:
         self.admin = AdminAPI(self)
         self.admin_tokens = TokenSet([])
         self.webhooks: WebhookVerifier | None = None
+        self.proxy: ModelProxy | None = None
         self.apply_access(config)
         self.ready = False
         self._hangup = asyncio.Event()
@@ -54,6 +55,10 @@ class Gateway:
         self.admin_tokens = TokenSet(config.auth.admin_tokens)
         self.inference = config.inference_policy()
         logging.getLogger(ACCESS_LOGGER).disabled = not config.access_log
+        if self.proxy is not None:
+            self.proxy.policy = self.inference
+            self.proxy.max_body_size = config.max_body_size
+            self.proxy.max_header_size = config.max_header_size
         if self.webhooks is None or self.webhooks.secret != config.webhook_secret:
             self.webhooks = webhook_verifier(config)
 
@@ -88,6 +93,8 @@ class Gateway:
         finally:
             self.ready = False
             await self.watcher.close()
+            if self.proxy is not None:
+                self.proxy.close()
             await self.pool.close()
             log.info("gateway stopped; all runners stopped")
 
@@ -163,4 +170,6 @@ def build_app(config: GatewayConfig, *, owner: str | None = None,
     gateway = Gateway(config, owner=owner, config_path=config_path)
     app = Starlette(routes=gateway.routes(), lifespan=gateway.lifespan,
                     exception_handlers={HTTPException: _http_error, Exception: _server_error})
-    return ModelProxy(app, gateway.pool), gateway
+    gateway.proxy = ModelProxy(app, gateway.pool, gateway.metrics)
+    gateway.apply_access(config)
+    return gateway.proxy, gateway
