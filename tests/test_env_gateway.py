@@ -120,3 +120,26 @@ def test_unresolvable_requirement_is_a_clear_503(gateway: Any, tmp_path: Path) -
     assert status["state"] == "failed"
     assert "unsatisfiable" in status["last_error"]
     assert envs(cache) == []  # nothing half-built left behind
+
+
+@pytest.mark.slow
+def test_local_model_with_local_or_built_dependencies(gateway: Any, skver: str,
+                                                      tmp_path: Path) -> None:
+    """Scenarios I and II: a model from a path, served from the gateway's environment or
+    from one built for it. The model answers with the scikit-learn it runs under."""
+    import mlflow.artifacts
+
+    path = tmp_path / "skver-v2"
+    mlflow.artifacts.download_artifacts(
+        MlflowClient(skver).get_model_version_download_uri("skver", "2"), dst_path=str(path))
+    cache = tmp_path / "envs"
+    gw = gateway(cache, alias="disk", model_uri=str(path))
+    built = gw.predict("skver", "disk", X)  # II: env_manager uv, the model's own pins
+    assert built.status_code == 200, built.text
+    assert built.json() == {"predictions": [OTHER_SKLEARN]}
+    assert built.headers["x-model-version"] == "-"
+    assert len(envs(cache)) == 1
+    local = gateway(tmp_path / "unused", alias="disk", model_uri=str(path), env_manager="local")
+    answer = local.predict("skver", "disk", X)  # I: the gateway's own environment
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"predictions": [GATEWAY_SKLEARN]}
