@@ -369,6 +369,9 @@ class RunnerPool:
                 log.info("evicting %s version %s (%s)", ep.spec.label, runner.version or "-",
                          reason)
         await runner.stop(grace=5)
+        # Forget it now, not when its supervisor next runs: the caller counts runners
+        # right after this returns and would otherwise evict a second one.
+        self.runners.discard(runner)
 
     async def drain(self, runner: Runner, timeout: float) -> None:
         """Let requests bound to ``runner`` finish (up to ``timeout``), then stop it."""

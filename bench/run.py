@@ -1,0 +1,51 @@
+"""Run every benchmark section and print their markdown reports.
+
+    .venv/bin/python bench/run.py [--only proxy] [--rounds 3] [--duration 10]
+
+A section is a module in ``bench/`` with ``run(options: Options) -> str`` (its markdown
+report); add it to ``SECTIONS`` to have it run here. Each section also runs on its own
+(``.venv/bin/python bench/<section>.py``) with its own extra options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import coldstart, cutover, many_models, proxy
+from bench.harness import Options, add_options, exit_on_sigterm, options_from, save_result
+
+SECTIONS: dict[str, Callable[[Options], str]] = {
+    "proxy": proxy.run,
+    "coldstart": coldstart.run,
+    "cutover": cutover.run,
+    "many_models": many_models.run,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
+    add_options(parser)
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (of {','.join(SECTIONS)})")
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    unknown = set(names) - set(SECTIONS)
+    if unknown or not names:
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown)) or '(none)'}")
+    options = options_from(args)
+    exit_on_sigterm()
+    reports = [SECTIONS[name](options) for name in names]
+    text = "\n\n".join(reports)
+    print(text)
+    print(f"saved to {save_result('all', text)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
