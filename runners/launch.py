@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import math
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ from pathlib import Path
 from .spec import EndpointSpec, PoolSpec
 
 PR_SET_PDEATHSIG = 1
+RUNNER_TIMEOUT_SLACK = 5  # seconds
 OWNER_ENV = "MODEL_GATEWAY_OWNER"
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -38,7 +40,10 @@ def effective_launcher(spec: EndpointSpec) -> str:
 
 def runner_argv(spec: EndpointSpec, model_uri: str, port: int,
                 python: Path | None = None) -> list[str]:
-    common = ["--workers", str(spec.workers), "--timeout", str(int(spec.request_timeout))]
+    # The runner gives up a little after the gateway's request_timeout: the caller gets the
+    # gateway's own JSON 504, not MLflow's plain-text one racing it.
+    runner_timeout = math.ceil(spec.request_timeout) + RUNNER_TIMEOUT_SLACK
+    common = ["--workers", str(spec.workers), "--timeout", str(runner_timeout)]
     if python is not None:
         # By path, not `-m runners.serve`: the model's environment has neither this
         # package nor aiohttp, and serve.py imports only MLflow.

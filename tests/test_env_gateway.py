@@ -129,17 +129,17 @@ def test_local_model_with_local_or_built_dependencies(gateway: Any, skver: str,
     from one built for it. The model answers with the scikit-learn it runs under."""
     import mlflow.artifacts
 
-    path = tmp_path / "skver-v2"
-    mlflow.artifacts.download_artifacts(
-        MlflowClient(skver).get_model_version_download_uri("skver", "2"), dst_path=str(path))
+    path = mlflow.artifacts.download_artifacts(
+        MlflowClient(skver).get_model_version_download_uri("skver", "2"),
+        dst_path=str(tmp_path / "skver-v2"))
     cache = tmp_path / "envs"
-    gw = gateway(cache, alias="disk", model_uri=str(path))
+    gw = gateway(cache, alias="disk", model_uri=path)
     built = gw.predict("skver", "disk", X)  # II: env_manager uv, the model's own pins
     assert built.status_code == 200, built.text
     assert built.json() == {"predictions": [OTHER_SKLEARN]}
     assert built.headers["x-model-version"] == "-"
     assert len(envs(cache)) == 1
-    local = gateway(tmp_path / "unused", alias="disk", model_uri=str(path), env_manager="local")
+    local = gateway(tmp_path / "unused", alias="disk", model_uri=path, env_manager="local")
     answer = local.predict("skver", "disk", X)  # I: the gateway's own environment
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"predictions": [GATEWAY_SKLEARN]}
