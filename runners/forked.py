@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .launch import kill_group, spawn
+from .launch import kill_group, output_lines, spawn
 from .zygote import MAX_MESSAGE, OUTPUT_LINES, SERVE_MODULE, ZYGOTE_ARGV, ZygoteError
 
 log = logging.getLogger("model_gateway.zygote")
@@ -223,16 +223,9 @@ class Zygote:
 
     async def _read_output(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
-        while True:
-            try:
-                raw = await self._proc.stdout.readline()
-            except ValueError:  # a line longer than the stream limit; keep reading
-                continue
-            if not raw:
-                return
-            if line := raw.decode(errors="replace").rstrip():
-                self.output.append(line)
-                log.info(line, extra={"pid": self._proc.pid})
+        async for line in output_lines(self._proc.stdout):
+            self.output.append(line)
+            log.info(line, extra={"pid": self._proc.pid})
 
     async def _lost(self, reason: str) -> None:
         """The zygote is gone: fail what waits on it, make sure its children died too."""

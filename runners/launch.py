@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from .spec import EndpointSpec, PoolSpec
@@ -132,3 +133,16 @@ def find_leftovers(owner: str) -> list[int]:
             except ProcessLookupError:
                 continue
     return sorted(set(found))
+
+
+async def output_lines(stream: asyncio.StreamReader) -> AsyncIterator[str]:
+    """A process's output, line by line, blank lines skipped, until it closes."""
+    while True:
+        try:
+            raw = await stream.readline()
+        except ValueError:  # a line longer than the stream limit; keep reading
+            continue
+        if not raw:
+            return
+        if line := raw.decode(errors="replace").rstrip():
+            yield line

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from .errors import RunnerStartError
-from .launch import kill_group, runner_argv, spawn
+from .launch import kill_group, output_lines, runner_argv, spawn
 from .spec import EndpointSpec
 
 log = logging.getLogger("model_gateway.runner")
@@ -137,16 +137,7 @@ class Runner:
     async def _read_output(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         extra = {"endpoint": self.spec.label, "version": self.version, "pid": self._proc.pid}
-        while True:
-            try:
-                raw = await self._proc.stdout.readline()
-            except ValueError:  # a line longer than the stream limit; keep reading
-                continue
-            if not raw:
-                break
-            line = raw.decode(errors="replace").rstrip()
-            if not line:
-                continue
+        async for line in output_lines(self._proc.stdout):
             self.output.append(line)
             log.info(line, extra=extra)
 
