@@ -65,25 +65,19 @@ class ModelProxy:
                 return
         await self.app(scope, receive, send)
 
-    def _refusal(self, scope: Scope, key: tuple[str, str], action: str
+    def _refusal(self, request: IncomingRequest, key: tuple[str, str], action: str
                  ) -> tuple[int, str, str, list[tuple[bytes, bytes]]] | None:
         """Why this request is refused before it reaches a runner, or None."""
-        if scope["method"] != PROXIED[action] and not (action != "invocations"
-                                                       and scope["method"] == "HEAD"):
+        method = request.method
+        if method != PROXIED[action] and not (action != "invocations" and method == "HEAD"):
             return 405, "method_not_allowed", f"{action} accepts {PROXIED[action]} only", \
                 [(b"allow", PROXIED[action].encode())]
-        size, authorization, length = 0, None, None
-        for name, value in scope["headers"]:
-            size += len(name) + len(value) + 4
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-            elif name == b"content-length":
-                length = value
-        if size > self.max_header_size:
+        if request.header_bytes > self.max_header_size:
             return 431, "headers_too_large", \
                 f"request headers exceed max_header_size ({self.max_header_size} bytes)", []
-        if not self.policy.allows(key, authorization):
+        if not self.policy.allows(key, request.authorization):
             return 401, "unauthorized", "a valid api key is required", UNAUTHORIZED
+        length = request.content_length
         if length is not None and length.isdigit() and int(length) > self.max_body_size:
             return 413, "body_too_large", \
                 f"request body exceeds max_body_size ({self.max_body_size} bytes)", []
@@ -99,7 +93,7 @@ class ModelProxy:
         request = IncomingRequest(scope, action)
         started = time.perf_counter()
         request_id = (b"x-request-id", request.request_id)
-        refusal = self._refusal(scope, ep.key, action)
+        refusal = self._refusal(request, ep.key, action)
         if refusal is not None:
             status, code, message, extra = refusal
             await send_error(send, status, code, message, [*extra, request_id])

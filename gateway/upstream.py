@@ -42,17 +42,24 @@ _ids = random.Random()  # request ids need to be unique, not secret: no syscall 
 
 
 class IncomingRequest:
-    """What the runner is sent for one request: its head, without framing headers."""
+    """What the runner is sent for one request: its head, without framing headers.
 
-    __slots__ = ("content_length", "head", "method", "request_id")
+    The one pass over the headers also keeps what the proxy checks before forwarding:
+    ``authorization`` (never forwarded), ``content_length`` and ``header_bytes``.
+    """
+
+    __slots__ = ("authorization", "content_length", "head", "header_bytes", "method",
+                 "request_id")
 
     def __init__(self, scope: Scope, action: str) -> None:
         self.method: str = scope["method"]
         query: bytes = scope.get("query_string") or b""
         parts = [self.method.encode(), b" /", action.encode(), b"?" if query else b"", query,
                  b" HTTP/1.1\r\n"]
-        request_id = forwarded = length = None
+        request_id = forwarded = length = authorization = None
+        size = 0
         for key, value in scope["headers"]:  # names are lower-case, values validated
+            size += len(key) + len(value) + 4
             if key in REQUEST_DROP:
                 if key == b"x-request-id":
                     request_id = request_id or value  # the first one
@@ -60,6 +67,8 @@ class IncomingRequest:
                     forwarded = value  # the last one
                 elif key == b"content-length":
                     length = value
+                elif key == b"authorization":
+                    authorization = value
                 continue
             parts += (key, b": ", value, b"\r\n")
         client = scope.get("client")
@@ -72,6 +81,9 @@ class IncomingRequest:
         parts += (b"x-request-id: ", self.request_id, b"\r\n")
         self.head = b"".join(parts)
         self.content_length: str | None = length.decode("latin-1") if length else None
+        self.authorization: str | None = authorization.decode("latin-1") if authorization \
+            else None
+        self.header_bytes = size
 
 
 # -- the upstream side: keep-alive connections to one runner -------------------------------
