@@ -23,6 +23,7 @@ def run(config: GatewayConfig, config_path: str | None = None) -> int:
     import uvicorn
 
     from .app import build_app
+    from .protocol import GatewayHttpProtocol
     from .server import GatewayServer
 
     app, gateway = build_app(config, config_path=config_path)
@@ -33,7 +34,7 @@ def run(config: GatewayConfig, config_path: str | None = None) -> int:
     # logs its own access line, so uvicorn's is off.
     server = GatewayServer(uvicorn.Config(
         app, host=config.server.host, port=config.server.port, lifespan="on",
-        loop="uvloop", http="httptools", access_log=False, log_config=None,
+        loop="uvloop", http=GatewayHttpProtocol, ws="none", access_log=False, log_config=None,
         timeout_graceful_shutdown=int(drain) or None, server_header=False,
     ))
     server.on_hangup = gateway.hangup  # SIGHUP re-reads the config file
