@@ -130,7 +130,7 @@ class ModelProxy:
         if upstream is None:
             upstream = self._upstreams[runner] = UpstreamPool("127.0.0.1", runner.port, [
                 (b"x-model-version", (runner.version or "-").encode()),
-                (b"x-model-uri", runner.model_uri.encode())])
+                (b"x-model-uri", runner.model_uri.encode())], unix=runner.socket)
         return upstream
 
     async def _forward(self, request: IncomingRequest, receive: Receive, send: Send,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import cast
@@ -90,13 +91,17 @@ class IncomingRequest:
 class UpstreamPool:
     """Idle keep-alive connections to one runner, most recently used first.
 
-    ``answer_headers`` are added to every answer from this runner (its model version/URI).
+    Connections go to ``unix`` (an abstract unix socket name) when given, else to
+    ``host:port``. ``answer_headers`` are added to every answer from this runner (its
+    model version/URI).
     """
 
     def __init__(self, host: str, port: int,
-                 answer_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                 answer_headers: list[tuple[bytes, bytes]] | None = None, *,
+                 unix: str | None = None) -> None:
         self.host = host
         self.port = port
+        self.unix = unix
         self.answer_headers = answer_headers or []
         self.host_header = b"host: %s:%d\r\n" % (host.encode(), port)
         self._idle: list[UpstreamConnection] = []
@@ -166,13 +171,31 @@ class UpstreamPool:
         return None
 
     async def _connect(self, timeout: float) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port), max(timeout, 0.001))
+            async with asyncio.timeout(max(timeout, 0.001)):
+                return await (self._connect_unix() if self.unix else self._connect_tcp())
         except OSError as exc:
-            raise aiohttp.ClientOSError(exc.errno, f"cannot connect to {self.host}:"
-                                                   f"{self.port}: {exc.strerror}") from exc
+            where = f"@{self.unix}" if self.unix else f"{self.host}:{self.port}"
+            raise aiohttp.ClientOSError(exc.errno, f"cannot connect to {where}: "
+                                                   f"{exc.strerror}") from exc
+
+    async def _connect_tcp(self) -> UpstreamConnection:
+        _, conn = await asyncio.get_running_loop().create_connection(
+            lambda: UpstreamConnection(self), self.host, self.port)
+        return conn
+
+    async def _connect_unix(self) -> UpstreamConnection:
+        # uvloop refuses abstract names by path (EINVAL): connect the socket first.
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, "\0" + (self.unix or ""))
+            _, conn = await loop.create_unix_connection(lambda: UpstreamConnection(self),
+                                                        sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         return conn
 
 

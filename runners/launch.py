@@ -39,12 +39,27 @@ def effective_launcher(spec: EndpointSpec) -> str:
     return spec.launcher if spec.env_manager == "local" else "env"
 
 
+def runner_socket(spec: EndpointSpec, port: int) -> str | None:
+    """The abstract unix socket a runner serves the gateway on, beside its TCP port.
+
+    Only runners that ``runners.serve`` runs in one process have it (not the CLI's, not
+    several workers), and only on Linux: abstract names need no file to create or clean
+    up. A unix socket costs both sides less per request than TCP over loopback.
+    """
+    if not sys.platform.startswith("linux") or spec.workers != 1 \
+            or effective_launcher(spec) == "cli":
+        return None
+    return f"model-gateway/{os.getpid()}/{port}"
+
+
 def runner_argv(spec: EndpointSpec, model_uri: str, port: int,
                 python: Path | None = None) -> list[str]:
     # The runner gives up a little after the gateway's request_timeout: the caller gets the
     # gateway's own JSON 504, not MLflow's plain-text one racing it.
     runner_timeout = math.ceil(spec.request_timeout) + RUNNER_TIMEOUT_SLACK
     common = ["--workers", str(spec.workers), "--timeout", str(runner_timeout)]
+    if (socket := runner_socket(spec, port)) is not None:
+        common += ["--abstract-socket", socket]
     if python is not None:
         # By path, not `-m runners.serve`: the model's environment has neither this
         # package nor aiohttp, and serve.py imports only MLflow.

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from .errors import RunnerStartError
-from .launch import kill_group, output_lines, runner_argv, spawn
+from .launch import kill_group, output_lines, runner_argv, runner_socket, spawn
 from .spec import EndpointSpec
 
 log = logging.getLogger("model_gateway.runner")
@@ -42,6 +42,8 @@ class Runner:
         self.version = version
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
+        # The gateway's faster way in, when the runner has one (see launch.runner_socket).
+        self.socket = runner_socket(spec, port)
         self._env = env
         self._spawner = spawner
         self._proc: Any = None  # asyncio.subprocess.Process or forked.ForkedProcess
@@ -75,7 +77,9 @@ class Runner:
         return self._proc is not None and not self.exited.is_set()
 
     def describe(self) -> dict[str, object]:
-        return {"pid": self.pid, "port": self.port, "version": self.version,
+        return {"pid": self.pid, "port": self.port,
+                "unix_socket": "@" + self.socket if self.socket else None,
+                "version": self.version,
                 "started_at": self.started_at, "in_flight": self.in_flight,
                 "memory_bytes": self.memory}
 

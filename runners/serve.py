@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=60)
+    parser.add_argument("--abstract-socket", help="also serve on this abstract unix socket "
+                                                  "(Linux; one worker only)")
     args = parser.parse_args(argv)
 
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
@@ -35,13 +38,23 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[scoring_server._SERVER_MODEL_PATH] = local_path
         os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "--host", args.host,
                                   "--port", str(args.port), "--workers", str(args.workers),
-                                  "--no-access-log", "mlflow.pyfunc.scoring_server.app:app"])
+                                  "--no-access-log", "--no-proxy-headers",
+                                  "mlflow.pyfunc.scoring_server.app:app"])
 
     import uvicorn
     from mlflow.pyfunc import load_model, scoring_server
 
     app = scoring_server.init(load_model(local_path))
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info")
+    # Only the gateway calls a runner: X-Forwarded-For means nothing to it, and reading it
+    # would cost every request a little.
+    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
+                            proxy_headers=False, log_level="info")
+    sockets = [config.bind_socket()]  # as uvicorn.run would, and also the unix socket
+    if args.abstract_socket:
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind("\0" + args.abstract_socket)
+        sockets.append(unix)
+    uvicorn.Server(config).run(sockets=sockets)
     return 0
 
 

@@ -9,10 +9,13 @@ import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pandas as pd
 import pytest
+import yaml
 
 from tests.conftest import GatewayProcess, owned_processes, runner_processes, wait_for
 from tests.registry import IRIS_COLUMNS, Registry
@@ -101,6 +104,52 @@ def test_cli_launcher_serves_the_same_protocol(gw: GatewayProcess) -> None:
     status = gw.status("iris", "cli")
     # `mlflow models serve` keeps its CLI process beside the uvicorn it starts.
     assert len(status["runner"]) and status["state"] == "ready"
+
+
+def _unix_sockets_named(name: str) -> int:
+    """Sockets bound to the abstract name ``@name``: a listener plus one per accepted
+    connection (/proc/net/unix lists them with their path)."""
+    lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[-1] == f"@{name}")
+
+
+def test_runner_is_reached_over_its_unix_socket(gw: GatewayProcess) -> None:
+    """Runners started by runners.serve (fork, direct) also listen on an abstract unix
+    socket, and the proxy uses it; `mlflow models serve` has none and is reached by TCP."""
+    launcher = yaml.safe_load(gw.config_path.read_text())["defaults"]["launcher"]
+    assert gw.predict("iris", "cli", IRIS).status_code == 200
+    assert gw.status("iris", "cli")["runner"]["unix_socket"] is None
+    # Checked right after a request: an idle connection is closed after a few seconds.
+    assert gw.predict("iris", "champion", IRIS).status_code == 200
+    runner = gw.status("iris", "champion")["runner"]
+    if launcher == "cli":
+        assert runner["unix_socket"] is None
+        return
+    name = runner["unix_socket"].removeprefix("@")
+    assert name == f"model-gateway/{gw.proc.pid}/{runner['port']}"
+    assert _unix_sockets_named(name) >= 2  # listening, and the gateway's connection accepted
+
+
+def _writes(pid: int) -> int:
+    """write(2)-like calls made so far by ``pid`` (uvloop sends with write/writev)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscw in /proc/PID/io")
+
+
+def test_a_small_answer_costs_one_write_each_way(gw: GatewayProcess) -> None:
+    """The request goes to the runner in one write and the answer's head and body to the
+    caller in one more (uvicorn alone writes head and body apart), access lines in
+    batches: about 2 writes per request, where 3 would mean the answer went out in two."""
+    with httpx.Client(base_url=gw.url, timeout=120) as client:  # one keep-alive connection
+        assert client.get("/models/iris/champion/ping").status_code == 200
+        before = _writes(gw.proc.pid)
+        for _ in range(200):
+            resp = client.get("/models/iris/champion/ping")
+            assert resp.status_code == 200 and resp.headers["x-model-version"] == "1"
+        per_request = (_writes(gw.proc.pid) - before) / 200
+    assert 1.9 <= per_request < 2.5, per_request
 
 
 def test_names_with_spaces_and_dots_are_percent_decoded(gw: GatewayProcess) -> None:
