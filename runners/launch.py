@@ -79,6 +79,10 @@ def runner_env(pool: PoolSpec, owner: str) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(p for p in [_PROJECT_ROOT, env.get("PYTHONPATH")] if p)
     env["PYTHONUNBUFFERED"] = "1"
+    # `mlflow models serve` runs the uvicorn CLI, which reads these: its access log would
+    # repeat, through the runner's output, the line the gateway writes for each request.
+    env.setdefault("UVICORN_ACCESS_LOG", "false")
+    env.setdefault("UVICORN_PROXY_HEADERS", "false")
     if pool.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = pool.tracking_uri
     if pool.registry_uri:
