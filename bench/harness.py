@@ -213,6 +213,14 @@ def wait_for_quiet(max_wait: float, *, threshold: float = 0.25, window: float = 
     return load
 
 
+def pin(pids: Sequence[int], cpus: set[int]) -> None:
+    """Restrict every thread of ``pids`` to ``cpus`` (threads they start later inherit it)."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that has just ended
+                os.sched_setaffinity(int(task.name), cpus)
+
+
 def children_cpu_seconds() -> float:
     """CPU time of this process's children that have been waited for (wrk runs)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -51,6 +51,7 @@ from bench.harness import (
     markdown_table,
     median,
     options_from,
+    pin,
     process_tree,
     run_wrk,
     save_result,
@@ -142,7 +143,8 @@ def measure_quietly(target: Target, path: str, runner_pid: int, options: Options
 
 
 def run(options: Options, *, targets: Sequence[str] = TARGETS,
-        paths: Sequence[str] = tuple(PATHS), log_level: str = "INFO") -> str:
+        paths: Sequence[str] = tuple(PATHS), log_level: str = "INFO",
+        pinned: bool = False) -> str:
     """Run the section; returns its markdown report."""
     ensure_tools({"wrk": "wrk", "nginx": "nginx"})
     ensure_demo()
@@ -163,6 +165,9 @@ def run(options: Options, *, targets: Sequence[str] = TARGETS,
             nginx = stack.enter_context(NginxService(runner_port, work / "nginx"))
             all_targets["nginx"] = Target("nginx", nginx.url, process_tree(nginx.pid))
         chosen = [all_targets[name] for name in targets]
+        if pinned:  # the runner alone on CPU 0; wrk (our child) and the proxies on CPU 1
+            pin(process_tree(runner_pid), {0})
+            pin([os.getpid(), *(pid for t in chosen for pid in t.proxy_pids)], {1})
         for target in chosen:
             warm(f"{target.base_url}/invocations")
         if options.warmup > 0:
@@ -178,14 +183,15 @@ def run(options: Options, *, targets: Sequence[str] = TARGETS,
                         sample = measure_quietly(target, path, runner_pid, options, work)
                         samples.setdefault((path, target.name), []).append(sample)
                 gateway.check_alive()
-        report = render(samples, options, paths, [t.name for t in chosen], log_level)
+        report = render(samples, options, paths, [t.name for t in chosen], log_level, pinned)
         with stage("stopping the gateway, its runner and nginx"):
             stack.close()
     return report
 
 
 def render(samples: dict[tuple[str, str], list[Sample]], options: Options,
-           paths: Sequence[str], targets: Sequence[str], log_level: str) -> str:
+           paths: Sequence[str], targets: Sequence[str], log_level: str,
+           pinned: bool = False) -> str:
     header = ["path", "target", "req/s", "p50 ms", "p99 ms", "× direct req/s",
               "Δ p50 ms", "proxy CPU µs/req", "runner CPU µs/req", "other load", "errors"]
     rows = []
@@ -212,7 +218,8 @@ def render(samples: dict[tuple[str, str], list[Sample]], options: Options,
     title = (f"### Proxy overhead — {when}\n\n"
              f"wrk {options.threads} thread, {options.connections} connections, "
              f"{options.rounds} interleaved rounds of {options.duration:.0f} s, medians; "
-             f"gateway log level {log_level}; {os.cpu_count()} CPUs, "
+             f"gateway log level {log_level}; {os.cpu_count()} CPUs"
+             f"{' (runner pinned to CPU 0; wrk, gateway and nginx to CPU 1)' if pinned else ''}, "
              f"Python {platform.python_version()}, commit {_commit()}. "
              "CPU columns are per request, from /proc; *other load* is the CPUs' worth "
              "used meanwhile by processes outside the benchmark (noise); a run with more "
@@ -240,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", default=",".join(PATHS),
                         help=f"comma-separated subset of {','.join(PATHS)}")
     parser.add_argument("--log-level", default="INFO", help="the gateway's log level")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the runner to CPU 0 and wrk, the gateway and nginx to CPU 1 "
+                             "(the runner keeps a core to itself, as with a load generator on "
+                             "another machine)")
     args = parser.parse_args(argv)
     targets = [t for t in args.targets.split(",") if t]
     paths = [p for p in args.paths.split(",") if p]
@@ -248,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     if "direct" not in targets:
         targets.insert(0, "direct")  # every ratio is taken against it
     exit_on_sigterm()
-    report = run(options_from(args), targets=targets, paths=paths, log_level=args.log_level)
+    report = run(options_from(args), targets=targets, paths=paths, log_level=args.log_level,
+                 pinned=args.pin)
     print(report)
     print(f"saved to {save_result('proxy', report)}", file=sys.stderr)
     return 0

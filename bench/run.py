@@ -10,6 +10,7 @@ report); add it to ``SECTIONS`` to have it run here. Each section also runs on i
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,9 @@ from bench.harness import Options, add_options, exit_on_sigterm, options_from, s
 
 SECTIONS: dict[str, Callable[[Options], str]] = {
     "proxy": proxy.run,
+    # The same runs with the runner alone on one CPU: what the proxy costs when it does not
+    # also compete with the runner and the load generator for two cores.
+    "proxy_pinned": functools.partial(proxy.run, pinned=True),
     "coldstart": coldstart.run,
     "cutover": cutover.run,
     "many_models": many_models.run,
