@@ -2,9 +2,11 @@
 
 uvicorn writes an answer's head on ``http.response.start`` and its body on
 ``http.response.body``: two ``send`` system calls and two TCP segments for every small
-answer, and the client is woken twice. The proxy sends both messages in one step of the
-event loop, so holding writes until the end of that step turns them into one. This is
-most of what a small prediction's answer costs to send (see ``bench/proxy.py``).
+answer, and the client is woken twice. Here a write is held back until the next one,
+which takes it along (the body takes the head), or until the end of the event-loop step:
+a small answer leaves in one piece, as soon as its body is written, and nothing waits
+for a later step. This is most of what a small prediction's answer costs to send (see
+``bench/proxy.py``).
 """
 
 from __future__ import annotations
@@ -16,37 +18,43 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 class CoalescingTransport:
-    """A transport whose writes within one event-loop step leave in one piece.
-
-    The first write of a step schedules the flush; ``close``, ``write_eof`` and anything
-    that could reorder bytes flush first. Everything else is the wrapped transport's.
+    """A transport that sends writes in pairs: a write is held until the next write
+    (which sends both at once) or the end of the current event-loop step, whichever comes
+    first. ``close`` and ``write_eof`` send what is held first; the rest is the wrapped
+    transport's.
     """
 
-    __slots__ = ("_loop", "_pending", "_transport")
+    __slots__ = ("_held", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
-        self._pending: list[bytes] | None = None
+        self._held: bytes | None = None
 
     def write(self, data: bytes) -> None:
-        if self._pending is None:
-            self._pending = [data]
-            self._loop.call_soon(self.flush)
+        held = self._held
+        if held is None:
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)  # a no-op when the next write came first
         else:
-            self._pending.append(data)
+            self._held = None
+            self._send(held + data)
 
     def writelines(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
             self.write(chunk)
 
     def flush(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        held, self._held = self._held, None
+        if held is not None:
+            self._send(held)
+
+    def _send(self, data: bytes) -> None:
+        if data and not self._transport.is_closing():
+            self._transport.write(data)
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._pending or ()))
+        return self._transport.get_write_buffer_size() + len(self._held or b"")
 
     def write_eof(self) -> None:
         self.flush()
@@ -57,7 +65,7 @@ class CoalescingTransport:
         self._transport.close()
 
     def abort(self) -> None:
-        self._pending = None
+        self._held = None
         self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:
