@@ -77,8 +77,7 @@ class ModelProxy:
                 f"request headers exceed max_header_size ({self.max_header_size} bytes)", []
         if not self.policy.allows(key, request.authorization):
             return 401, "unauthorized", "a valid api key is required", UNAUTHORIZED
-        length = request.content_length
-        if length is not None and length.isdigit() and int(length) > self.max_body_size:
+        if request.content_length is not None and request.content_length > self.max_body_size:
             return 413, "body_too_large", \
                 f"request body exceeds max_body_size ({self.max_body_size} bytes)", []
         return None
@@ -139,7 +138,7 @@ class ModelProxy:
         timeout = ep.spec.request_timeout
         body: bytes | AsyncIterator[bytes]
         length = request.content_length
-        if length is not None and length.isdigit() and int(length) <= SMALL_BODY:
+        if length is not None and length <= SMALL_BODY:
             body = await _read_body(receive)
         elif request.method in ("POST", "PUT"):
             body = _stream_body(receive, self.max_body_size)

@@ -81,7 +81,8 @@ class IncomingRequest:
         self.request_id: bytes = request_id or b"%032x" % _ids.getrandbits(128)
         parts += (b"x-request-id: ", self.request_id, b"\r\n")
         self.head = b"".join(parts)
-        self.content_length: str | None = length.decode("latin-1") if length else None
+        # httptools refuses a Content-Length that is not a number before the app sees it.
+        self.content_length: int | None = int(length) if length and length.isdigit() else None
         self.authorization: str | None = authorization.decode("latin-1") if authorization \
             else None
         self.header_bytes = size
@@ -265,11 +266,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._transport.write(data)
 
     async def send_stream(self, head: bytes, body: AsyncIterator[bytes],
-                          length: str | None) -> None:
+                          length: int | None) -> None:
         """Stream a request body: as is under the client's Content-Length, else chunked."""
         chunked = length is None
         self._write(head + (b"transfer-encoding: chunked\r\n\r\n" if chunked else
-                            b"content-length: %s\r\n\r\n" % length.encode()))
+                            b"content-length: %d\r\n\r\n" % length))
         async for chunk in body:
             if self.closed or self.complete:  # the runner answered (or left) early
                 return  # the request is cut short: the connection is not reused
