@@ -53,12 +53,13 @@ def runner_socket(spec: EndpointSpec, port: int) -> str | None:
 
 
 def runner_argv(spec: EndpointSpec, model_uri: str, port: int,
-                python: Path | None = None) -> list[str]:
+                python: Path | None = None, socket: str | None = None) -> list[str]:
+    """The runner's command line; ``socket``: its runner_socket() name, if it has one."""
     # The runner gives up a little after the gateway's request_timeout: the caller gets the
     # gateway's own JSON 504, not MLflow's plain-text one racing it.
     runner_timeout = math.ceil(spec.request_timeout) + RUNNER_TIMEOUT_SLACK
     common = ["--workers", str(spec.workers), "--timeout", str(runner_timeout)]
-    if (socket := runner_socket(spec, port)) is not None:
+    if socket is not None:
         common += ["--abstract-socket", socket]
     if python is not None:
         # By path, not `-m runners.serve`: the model's environment has neither this

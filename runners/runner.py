@@ -101,7 +101,7 @@ class Runner:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        argv = runner_argv(self.spec, self.model_path, self.port, self.python)
+        argv = runner_argv(self.spec, self.model_path, self.port, self.python, self.socket)
         self._proc = await self._spawner(argv, self._env)
         self.started_at = time.time()
         self._reader = asyncio.create_task(self._read_output(), name=f"runner-output-{self.pid}")
