@@ -453,25 +453,34 @@ class WrkResult:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
-def run_wrk(url: str, load: Load, *, duration: float, connections: int, threads: int,
-            script_dir: Path) -> WrkResult:
-    """One wrk run; its output is parsed from the JSON line the script's ``done`` prints."""
+def wrk_json(script: Path, url: str, *, marker: str, duration: float, connections: int,
+             threads: int = 1, timeout: str = "10s") -> dict[str, Any]:
+    """Run wrk with ``script``, whose ``done`` prints ``<marker> {json}``; that JSON."""
     binary = find_binary("wrk")
     if binary is None:
         raise RuntimeError("wrk is not installed")
+    argv = [binary, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
+            "--timeout", timeout, "-s", str(script), url]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120,
+                          check=False)
+    prefix = f"{marker} "
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith(prefix)), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-500:]}"
+                           f"{done.stderr[-500:]}")
+    result: dict[str, Any] = json.loads(line.removeprefix(prefix))
+    return result
+
+
+def run_wrk(url: str, load: Load, *, duration: float, connections: int, threads: int,
+            script_dir: Path) -> WrkResult:
+    """One wrk run of ``load``, its figures from the JSON line the script's ``done`` prints."""
     lua = load.lua()
     script = script_dir / f"wrk-{hashlib.sha1(lua.encode()).hexdigest()[:12]}.lua"
     if not script.exists():
         script.write_text(lua)
-    argv = [binary, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
-            "--timeout", "10s", "-s", str(script), url]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60,
-                          check=False)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRK_RESULT ")), None)
-    if done.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-500:]}"
-                           f"{done.stderr[-500:]}")
-    raw = json.loads(line.removeprefix("WRK_RESULT "))
+    raw = wrk_json(script, url, marker="WRK_RESULT", duration=duration,
+                   connections=connections, threads=threads)
     return WrkResult(requests=raw["requests"], seconds=raw["duration_us"] / 1e6,
                      p50_ms=raw["p50_us"] / 1000, p99_ms=raw["p99_us"] / 1000,
                      errors=raw["connect"] + raw["read"] + raw["write"] + raw["timeout"],

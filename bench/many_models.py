@@ -15,9 +15,7 @@ second. After the gateway is stopped, no runner process may be left.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,12 +33,12 @@ from bench.harness import (
     add_options,
     ensure_tools,
     exit_on_sigterm,
-    find_binary,
     markdown_table,
     options_from,
     process_tree,
     save_result,
     stage,
+    wrk_json,
 )
 from bench.probes import by_label, leftovers, metric, mib, predict, scrape, write_config
 
@@ -157,21 +155,10 @@ class Sampler(threading.Thread):
 
 def run_load(url: str, work: Path, *, endpoints: int, clients: int,
              duration: float) -> dict[str, int]:
-    binary = find_binary("wrk")
-    if binary is None:
-        raise RuntimeError("wrk is not installed")
     script = work / "many-models.lua"
     script.write_text(WRK_SCRIPT.format(count=endpoints, body=BODY))
-    argv = [binary, "-t1", f"-c{clients}", f"-d{max(1, round(duration))}s", "--timeout", "60s",
-            "-s", str(script), url]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120,
-                          check=False)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("MANY_RESULT ")), None)
-    if done.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-500:]}"
-                           f"{done.stderr[-500:]}")
-    result: dict[str, int] = json.loads(line.removeprefix("MANY_RESULT "))
-    return result
+    return wrk_json(script, url, marker="MANY_RESULT", duration=duration,
+                    connections=clients, timeout="60s")
 
 
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
