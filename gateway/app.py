@@ -20,12 +20,11 @@ from .admin import AdminAPI, webhook_verifier
 from .auth import TokenSet
 from .config import ConfigError, GatewayConfig
 from .metrics import CONTENT_TYPE, GatewayMetrics
-from .proxy import ModelProxy
+from .proxy import ModelProxy, access_logger
 from .responses import json_error, not_declared
 from .webhooks import WebhookRejected, WebhookVerifier
 
 log = logging.getLogger("model_gateway")
-ACCESS_LOGGER = "model_gateway.access"
 
 
 class Gateway:
@@ -54,7 +53,7 @@ class Gateway:
         """Tokens and the webhook secret: read at start and on every config reload."""
         self.admin_tokens = TokenSet(config.auth.admin_tokens)
         self.inference = config.inference_policy()
-        logging.getLogger(ACCESS_LOGGER).disabled = not config.access_log
+        access_logger.disabled = not config.access_log
         if self.proxy is not None:
             self.proxy.policy = self.inference
             self.proxy.max_body_size = config.max_body_size
