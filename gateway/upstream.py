@@ -81,7 +81,8 @@ class IncomingRequest:
         self.request_id: bytes = request_id or b"%032x" % _ids.getrandbits(128)
         parts += (b"x-request-id: ", self.request_id, b"\r\n")
         self.head = b"".join(parts)
-        # httptools refuses a Content-Length that is not a number before the app sees it.
+        # httptools has already refused a Content-Length that is not a number; the check
+        # only keeps int() from raising.
         self.content_length: int | None = int(length) if length and length.isdigit() else None
         self.authorization: str | None = authorization.decode("latin-1") if authorization \
             else None
@@ -174,7 +175,7 @@ class UpstreamPool:
     async def _connect(self, timeout: float) -> UpstreamConnection:
         try:
             async with asyncio.timeout(max(timeout, 0.001)):
-                return await (self._connect_unix() if self.unix else self._connect_tcp())
+                return await (self._connect_unix(self.unix) if self.unix else self._connect_tcp())
         except OSError as exc:
             where = f"@{self.unix}" if self.unix else f"{self.host}:{self.port}"
             raise aiohttp.ClientOSError(exc.errno, f"cannot connect to {where}: "
@@ -185,13 +186,13 @@ class UpstreamPool:
             lambda: UpstreamConnection(self), self.host, self.port)
         return conn
 
-    async def _connect_unix(self) -> UpstreamConnection:
+    async def _connect_unix(self, name: str) -> UpstreamConnection:
         # uvloop refuses abstract names by path (EINVAL): connect the socket first.
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            await loop.sock_connect(sock, "\0" + (self.unix or ""))
+            await loop.sock_connect(sock, "\0" + name)
             _, conn = await loop.create_unix_connection(lambda: UpstreamConnection(self),
                                                         sock=sock)
         except BaseException:
