@@ -31,10 +31,13 @@ def run(config: GatewayConfig, config_path: str | None = None) -> int:
     drain = max(drains)
     # uvloop and httptools explicitly (both come with uvicorn[standard]): "auto" would fall
     # back to asyncio and h11 silently, at several times the cost per request. The proxy
-    # logs its own access line, so uvicorn's is off.
+    # logs its own access line, so uvicorn's is off. proxy_headers is off: the client
+    # address is the peer's, which the proxy appends to X-Forwarded-For (uvicorn's
+    # rewrite would make a trusted proxy's "C" arrive as "C, C").
     server = GatewayServer(uvicorn.Config(
         app, host=config.server.host, port=config.server.port, lifespan="on",
         loop="uvloop", http=GatewayHttpProtocol, ws="none", access_log=False, log_config=None,
+        proxy_headers=False,
         timeout_graceful_shutdown=int(drain) or None, server_header=False,
     ))
     server.on_hangup = gateway.hangup  # SIGHUP re-reads the config file
