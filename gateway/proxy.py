@@ -3,6 +3,10 @@
 A plain ASGI callable rather than a Starlette route: it is on every prediction's path,
 so it parses the path once, checks the caller and the request's size, binds the request
 to a runner, and moves bytes (``upstream.py`` holds the connections to runners).
+
+The server protocol serves most proxied requests without calling it (``direct.py``), with
+the checks of ``admit()`` and the bookkeeping of ``record()``; a request that needs more
+than that continues in ``relay()``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .auth import InferencePolicy
 from .errors import map_error, send_error
 from .metrics import GatewayMetrics
 from .types import ASGIApp, Receive, Scope, Send
-from .upstream import SMALL_BODY, IncomingRequest, UpstreamPool
+from .upstream import SMALL_BODY, IncomingRequest, UpstreamConnection, UpstreamPool
 
 access_logger = logging.getLogger("model_gateway.access")
 
@@ -65,6 +69,22 @@ class ModelProxy:
                 return
         await self.app(scope, receive, send)
 
+    def admit(self, scope: Scope, name: str, alias: str, action: str
+              ) -> tuple[Endpoint, IncomingRequest] | None:
+        """The endpoint and request when ``scope`` may be served without the ASGI cycle
+        (``direct.py``): declared, not refused, and a body that is absent or small enough
+        to send in one piece. Anything else takes ``proxy()``, which answers it."""
+        ep = self.pool.endpoints.get((name, alias))
+        if ep is None:
+            return None
+        request = IncomingRequest(scope, action)
+        length = request.content_length
+        if (length is None and request.method in ("POST", "PUT")) or \
+                (length is not None and length > SMALL_BODY) or \
+                self._refusal(request, ep.key, action) is not None:
+            return None
+        return ep, request
+
     def _refusal(self, request: IncomingRequest, key: tuple[str, str], action: str
                  ) -> tuple[int, str, str, list[tuple[bytes, bytes]]] | None:
         """Why this request is refused before it reaches a runner, or None."""
@@ -96,7 +116,7 @@ class ModelProxy:
         if refusal is not None:
             status, code, message, extra = refusal
             await send_error(send, status, code, message, [*extra, request_id])
-            self._done(scope, ep, None, status, started, request.request_id)
+            self.record(scope, ep, None, status, started, request.request_id)
             return
         status = 500
         try:
@@ -104,7 +124,7 @@ class ModelProxy:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON answer
             status, code, message, extra = map_error(exc, ep.spec.label)
             await send_error(send, status, code, message, [*extra, request_id])
-            self._done(scope, ep, None, status, started, request.request_id)
+            self.record(scope, ep, None, status, started, request.request_id)
             return
         try:
             status = await self._forward(request, receive, send, ep, runner)
@@ -117,14 +137,14 @@ class ModelProxy:
             status = 499  # nobody is left to answer
         finally:
             self.pool.release(ep, runner)
-            self._done(scope, ep, runner, status, started, request.request_id)
+            self.record(scope, ep, runner, status, started, request.request_id)
 
     def close(self) -> None:
         """Close every idle connection to the runners (they also close when a runner exits)."""
         for upstream in list(self._upstreams.values()):
             upstream.close()
 
-    def _upstream(self, runner: Runner) -> UpstreamPool:
+    def upstream(self, runner: Runner) -> UpstreamPool:
         upstream = self._upstreams.get(runner)
         if upstream is None:
             upstream = self._upstreams[runner] = UpstreamPool("127.0.0.1", runner.port, [
@@ -134,8 +154,6 @@ class ModelProxy:
 
     async def _forward(self, request: IncomingRequest, receive: Receive, send: Send,
                        ep: Endpoint, runner: Runner) -> int:
-        upstream = self._upstream(runner)
-        timeout = ep.spec.request_timeout
         body: bytes | AsyncIterator[bytes]
         length = request.content_length
         if length is not None and length <= SMALL_BODY:
@@ -144,9 +162,18 @@ class ModelProxy:
             body = _stream_body(receive, self.max_body_size)
         else:
             body = b""
+        deadline = time.monotonic() + ep.spec.request_timeout
+        return await self.relay(request, body, send, ep, runner, deadline)
+
+    async def relay(self, request: IncomingRequest, body: bytes | AsyncIterator[bytes],
+                    send: Send, ep: Endpoint, runner: Runner, deadline: float,
+                    sent: UpstreamConnection | None = None) -> int:
+        """Send the request to ``runner`` (unless it was ``sent`` already) and its answer
+        to the caller; the answer's status, or the error status the caller was sent."""
+        upstream = self.upstream(runner)
         request_id = (b"x-request-id", request.request_id)
         try:
-            conn = await upstream.exchange(request, body, timeout)
+            conn = await upstream.exchange(request, body, deadline, sent=sent)
         except (TimeoutError, aiohttp.ClientError) as exc:
             if isinstance(exc, TimeoutError) and runner.exited.is_set():
                 exc = aiohttp.ServerDisconnectedError()
@@ -163,7 +190,7 @@ class ModelProxy:
                 await send({"type": "http.response.body", "body": conn.take_body()})
             else:  # the status line is out; a failure now can only cut the answer short
                 await send(start)
-                async for chunk in conn.iter_body(timeout):
+                async for chunk in conn.iter_body(ep.spec.request_timeout):
                     await send({"type": "http.response.body", "body": chunk,
                                 "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
@@ -172,7 +199,7 @@ class ModelProxy:
         finally:
             upstream.finish(conn, reuse=done)
 
-    def _done(self, scope: Scope, ep: Endpoint, runner: Runner | None, status: int,
+    def record(self, scope: Scope, ep: Endpoint, runner: Runner | None, status: int,
               started: float, request_id: bytes) -> None:
         """Count the request and write its access line."""
         seconds = time.perf_counter() - started

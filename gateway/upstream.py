@@ -18,7 +18,7 @@ import asyncio
 import random
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 import aiohttp
@@ -109,37 +109,50 @@ class UpstreamPool:
         self._idle: list[UpstreamConnection] = []
 
     async def exchange(self, request: IncomingRequest, body: bytes | AsyncIterator[bytes],
-                       timeout: float) -> UpstreamConnection:
+                       deadline: float, *, sent: UpstreamConnection | None = None
+                       ) -> UpstreamConnection:
         """Send the request; return the connection once the answer's head is in (its whole
-        body too when small). A reused connection that the runner closed before answering
-        is replaced once, when the body can be sent again."""
-        deadline = time.monotonic() + timeout
-        head = request.head + self.host_header
+        body too when small). ``sent`` is a reused connection the request was already
+        written to (see ``direct.py``). A reused connection that the runner closed before
+        answering is replaced once, when the body can be sent again."""
         may_retry = isinstance(body, bytes)
+        conn, reused, written = sent, True, sent is not None
         while True:
-            conn = self._take()
-            reused = conn is not None
             if conn is None:
-                conn = await self._connect(deadline - time.monotonic())
+                conn = self.take()
+                reused, written = conn is not None, False
+                if conn is None:
+                    conn = await self._connect(deadline - time.monotonic())
             try:
-                conn.expect(head_only=request.method == "HEAD")
-                if isinstance(body, bytes):
-                    framing = (b"content-length: %d\r\n\r\n" % len(body)
-                               if body or request.method in ("POST", "PUT") else b"\r\n")
-                    conn.send(head + framing + body)
-                else:
-                    async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-                        await conn.send_stream(head, body, request.content_length)
+                if not written:
+                    await self._write(conn, request, body, deadline)
                 await conn.read_head(deadline)
                 return conn
             except aiohttp.ServerDisconnectedError:
                 conn.abort()
                 if not (may_retry and reused and not conn.received):
                     raise
-                may_retry = False
+                may_retry, conn = False, None
             except BaseException:
                 conn.abort()
                 raise
+
+    def send(self, conn: UpstreamConnection, request: IncomingRequest, body: bytes) -> None:
+        """Start an exchange on ``conn`` by writing the whole request in one piece."""
+        conn.expect(head_only=request.method == "HEAD")
+        framing = (b"content-length: %d\r\n\r\n" % len(body)
+                   if body or request.method in ("POST", "PUT") else b"\r\n")
+        conn.send(request.head + self.host_header + framing + body)
+
+    async def _write(self, conn: UpstreamConnection, request: IncomingRequest,
+                     body: bytes | AsyncIterator[bytes], deadline: float) -> None:
+        if isinstance(body, bytes):
+            self.send(conn, request, body)
+            return
+        conn.expect(head_only=request.method == "HEAD")
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+            await conn.send_stream(request.head + self.host_header, body,
+                                   request.content_length)
 
     def finish(self, conn: UpstreamConnection, *, reuse: bool) -> None:
         """Keep ``conn`` for the next request if its exchange ended cleanly, else close it."""
@@ -160,7 +173,8 @@ class UpstreamPool:
         for conn in idle:
             conn.abort()
 
-    def _take(self) -> UpstreamConnection | None:
+    def take(self) -> UpstreamConnection | None:
+        """An idle connection to reuse, or None."""
         while self._idle:
             conn = self._idle.pop()
             if time.monotonic() - conn.idle_since > IDLE_TIMEOUT:
@@ -214,6 +228,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[None] | None = None
+        # Called instead of waking a waiter, by a request served without a task (direct.py)
+        self.listener: Callable[[], None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
@@ -228,7 +244,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.received = False
         self._active = True
-        self._sent = False
+        self.sent = False
         self.error: BaseException | None = None
         self._head_only = head_only
         self._head_done = False
@@ -241,8 +257,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._buffered = 0
 
     @property
+    def has_length(self) -> bool:
+        """Whether the answer came with a Content-Length."""
+        return self._length is not None
+
+    @property
     def reusable(self) -> bool:
-        return (not self.closed and self.complete and self._sent and self._keep_alive
+        return (not self.closed and self.complete and self.sent and self._keep_alive
                 and not self._head_only)
 
     # -- used by the pool -----------------------------------------------------------------
@@ -260,7 +281,7 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, request: bytes) -> None:
         """Write a whole request."""
         self._write(request)
-        self._sent = True
+        self.sent = True
 
     def _write(self, data: bytes) -> None:
         if self._transport is not None and not self.closed:
@@ -281,7 +302,7 @@ class UpstreamConnection(asyncio.Protocol):
                 await self._drain
         if chunked:
             self._write(b"0\r\n\r\n")
-        self._sent = True
+        self.sent = True
 
     async def read_head(self, deadline: float) -> None:
         """Wait until the head is in, and the whole body when it is small."""
@@ -332,6 +353,9 @@ class UpstreamConnection(asyncio.Protocol):
             waiter.set_exception(TimeoutError())
 
     def _wake(self) -> None:
+        if self.listener is not None:
+            self.listener()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

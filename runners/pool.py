@@ -164,6 +164,15 @@ class RunnerPool:
                 ep.slots.release()
             raise
 
+    def acquire_now(self, ep: Endpoint) -> Runner | None:
+        """``acquire`` when it would not wait: the endpoint's serving runner, bound, if no
+        start or ``max_concurrency`` queue is in the way; else None (use ``acquire``)."""
+        runner = ep.runner
+        if ep.slots is not None or runner is None or not runner.is_alive or runner.stopping:
+            return None
+        runner.bind()
+        return runner
+
     def release(self, ep: Endpoint, runner: Runner) -> None:
         runner.unbind()
         if ep.slots is not None:

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -152,6 +153,81 @@ def test_a_small_answer_costs_one_write_each_way(gw: GatewayProcess) -> None:
     assert 1.9 <= per_request < 2.5, per_request
 
 
+def _answers(sock: socket.socket, methods: list[str]) -> list[tuple[int, dict[str, str], bytes]]:
+    """Everything ``sock`` receives until the gateway closes it, split into one
+    Content-Length framed answer per request method."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    answers = []
+    for method in methods:
+        head, data = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
+        size = 0 if method == "HEAD" else int(headers["content-length"])
+        answers.append((int(lines[0].split()[1]), headers, data[:size]))
+        data = data[size:]
+    assert data == b"", data[:200]
+    return answers
+
+
+def test_pipelined_requests_are_answered_in_order(gw: GatewayProcess) -> None:
+    """Requests sent back to back on one connection, the first to a warm runner (served
+    without the ASGI cycle), the rest queued behind it: answers in order, then close."""
+    gw.predict("iris", "champion", IRIS)
+    body = json.dumps(IRIS).encode()
+    base = b"/models/iris/champion/"
+    sent = [
+        b"GET " + base + b"ping HTTP/1.1\r\nhost: t\r\nx-request-id: one\r\n\r\n",
+        b"POST " + base + b"invocations HTTP/1.1\r\nhost: t\r\nx-request-id: two\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body,
+        b"HEAD " + base + b"ping HTTP/1.1\r\nhost: t\r\nx-request-id: three\r\n\r\n",
+        b"GET " + base + b"version?x=1 HTTP/1.1\r\nhost: t\r\nx-request-id: four\r\n"
+        b"connection: close\r\n\r\n"]
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=60) as sock:
+        sock.sendall(b"".join(sent))
+        answers = _answers(sock, ["GET", "POST", "HEAD", "GET"])
+    assert [a[0] for a in answers] == [200, 200, 405, 200]  # MLflow's /ping is GET only
+    assert [a[1]["x-request-id"] for a in answers] == ["one", "two", "three", "four"]
+    assert json.loads(answers[1][2]) == {"predictions": EXPECTED}
+    assert answers[2][2] == b"" and answers[3][2].startswith(b"3.")
+    assert answers[3][1]["connection"] == "close"
+    assert all(a[1]["x-model-version"] == "1" for a in answers)
+
+
+def test_warm_answers_of_every_size_and_http_1_0(gw: GatewayProcess) -> None:
+    """Small requests to a warm runner whose answers are too large to hold (they stream),
+    and an HTTP/1.0 caller, who is answered and then disconnected."""
+    rows = {"dataframe_split": {"columns": ["seconds"], "data": [[0]] * 60_000}}
+    body = json.dumps(rows, separators=(",", ":")).encode()
+    assert len(body) < 256 * 1024  # sent in one piece; the answer is larger
+    for _ in range(3):
+        resp = gw.client.post("/models/sleepy/main/invocations", content=body,
+                              headers={"content-type": "application/json"})
+        assert resp.status_code == 200
+        assert len(resp.content) > 256 * 1024 and resp.json()["predictions"] == [0.0] * 60_000
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=60) as sock:
+        sock.sendall(b"GET /models/sleepy/main/ping HTTP/1.0\r\n\r\n")
+        (status, headers, answer), = _answers(sock, ["GET"])
+    assert status == 200 and headers["x-model-version"] == "1"
+    assert headers["connection"] == "close" and len(answer) == int(headers["content-length"])
+
+
+def test_caller_leaving_mid_request_frees_the_runner(gw: GatewayProcess) -> None:
+    slow = json.dumps({"dataframe_split": {"columns": ["seconds"], "data": [[1]]}}).encode()
+    assert gw.predict("sleepy", "main", {"dataframe_split": {"columns": ["seconds"],
+                                                             "data": [[0]]}}).status_code == 200
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=60) as sock:
+        sock.sendall(b"POST /models/sleepy/main/invocations HTTP/1.1\r\nhost: t\r\n"
+                     b"content-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                     % len(slow) + slow)
+        wait_for(lambda: gw.status("sleepy", "main")["runner"]["in_flight"] == 1, 10)
+    assert wait_for(lambda: gw.status("sleepy", "main")["runner"]["in_flight"] == 0, 10)
+    again = gw.predict("sleepy", "main", {"dataframe_split": {"columns": ["seconds"],
+                                                              "data": [[0.5]]}})
+    assert again.status_code == 200 and again.json() == {"predictions": [0.5]}
+
+
 def test_names_with_spaces_and_dots_are_percent_decoded(gw: GatewayProcess) -> None:
     resp = gw.client.post("/models/iris%20v1.0/local/invocations", json=IRIS)
     assert resp.status_code == 200, resp.text
@@ -275,17 +351,21 @@ def test_killed_runner_gives_502_then_restarts(start_gateway: Any) -> None:
 
 
 def test_sigterm_drains_in_flight_and_leaves_no_process(start_gateway: Any) -> None:
+    """Two requests in flight: one over the runner connection a first request left idle
+    (answered from callbacks), one that needs a new connection (the ASGI path)."""
     gw = start_gateway([{"name": "sleepy", "alias": "main"}, {"name": "iris", "alias": "champion"}])
     assert gw.predict("iris", "champion", IRIS).status_code == 200
+    assert gw.predict("sleepy", "main", {"dataframe_split": {"columns": ["seconds"],
+                                                             "data": [[0]]}}).status_code == 200
     payload = {"dataframe_split": {"columns": ["seconds"], "data": [[3]]}}
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(gw.predict, "sleepy", "main", payload)
-        wait_for(lambda: gw.status("sleepy", "main").get("runner", {}) and
-                 gw.status("sleepy", "main")["runner"]["in_flight"] == 1, 60)
+    with ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(gw.predict, "sleepy", "main", payload) for _ in range(2)]
+        wait_for(lambda: gw.status("sleepy", "main")["runner"]["in_flight"] == 2, 60)
         assert len(runner_processes(gw.owner)) == 2
         gw.proc.send_signal(signal.SIGTERM)
-        answer = pending.result(timeout=60)
-    assert answer.status_code == 200 and answer.json() == {"predictions": [3.0]}
+        answers = [p.result(timeout=60) for p in pending]
+    for answer in answers:
+        assert answer.status_code == 200 and answer.json() == {"predictions": [3.0]}
     assert gw.proc.wait(60) == 0
     assert wait_for(lambda: owned_processes(gw.owner) == [], 5), owned_processes(gw.owner)
 
