@@ -200,7 +200,7 @@ class ModelProxy:
             upstream.finish(conn, reuse=done)
 
     def record(self, scope: Scope, ep: Endpoint, runner: Runner | None, status: int,
-              started: float, request_id: bytes) -> None:
+               started: float, request_id: bytes) -> None:
         """Count the request and write its access line."""
         seconds = time.perf_counter() - started
         self.metrics.observe_request(ep.spec.name, ep.spec.alias, status, seconds)
