@@ -11,11 +11,12 @@ completes it.
 Only that plain case is served this way. Whenever anything else is needed, the request
 continues on the ordinary path, with nothing sent to the caller yet:
 
-    no serving runner, a max_concurrency queue,   → uvicorn's cycle and ModelProxy from
-    or no idle connection to the runner              the start, as if never seen here
-    an error, the request timeout, or an answer   → ModelProxy.relay in a task, on the
-    too large to hold in memory                      connection the request went out on
-                                                     (it retries, maps errors, streams)
+    no serving runner, or a max_concurrency queue → uvicorn's cycle and ModelProxy from
+                                                     the start, as if never seen here
+    no idle connection to the runner, an error,   → ModelProxy.relay in a task, on the
+    the request timeout, or an answer too large      connection the request went out on,
+    to hold in memory                                or a new one (it connects, retries,
+                                                     maps errors, streams)
 
 While it is in flight an exchange is the protocol's current cycle, so uvicorn's own
 handling of pipelined requests, lost connections and graceful shutdown applies to it:
@@ -84,20 +85,19 @@ class DirectExchange:
         """The caller's request is in: write it to an idle connection to a serving runner,
         or hand it to the ordinary path."""
         self.body = b"".join(self.chunks)
-        ep, pool = self.ep, self.proxy.pool
-        runner = pool.acquire_now(ep)
+        ep = self.ep
+        runner = self.proxy.pool.acquire_now(ep)
         if runner is None:
             self.protocol.run_cycle(self, self.protocol.app)
             return
         upstream = self.proxy.upstream(runner)
-        conn = upstream.take()
-        if conn is None:
-            pool.release(ep, runner)
-            self.protocol.run_cycle(self, self.protocol.app)
-            return
-        self.runner, self.upstream, self.conn = runner, upstream, conn
         timeout = ep.spec.request_timeout
+        self.runner, self.upstream = runner, upstream
         self.deadline = time.monotonic() + timeout
+        conn = self.conn = upstream.take()
+        if conn is None:  # relay() connects, on the runner already bound
+            self.protocol.run_cycle(self, self._relay)
+            return
         self.timer = self.protocol.loop.call_later(timeout, self.answered)
         conn.listener = self.answered
         upstream.send(conn, self.request, self.body)
