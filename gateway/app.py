@@ -14,52 +14,53 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runners import RunnerPool, VersionWatcher
+from runners import Fork, RunnerPool, VersionWatcher
 
-from .admin import AdminAPI, webhook_verifier
+from .admin import AdminAPI
 from .auth import TokenSet
 from .config import ConfigError, GatewayConfig
+from .errors import json_error, not_declared
 from .metrics import CONTENT_TYPE, GatewayMetrics
 from .proxy import ModelProxy, access_logger
-from .responses import json_error, not_declared
+from .reload import ConfigReloader
+from .settings import ProxySettings
 from .webhooks import WebhookRejected, WebhookVerifier
 
 log = logging.getLogger("model_gateway")
 
 
 class Gateway:
-    """Holds what one running gateway owns: its config, runner pool and version watcher."""
+    """Holds what one running gateway owns: its runner pool, version watcher and proxy."""
 
     def __init__(self, config: GatewayConfig, *, owner: str | None = None,
-                 config_path: str | None = None) -> None:
-        self.config = config
-        self.config_path = config_path
+                 config_path: str | None = None, fork: Fork | None = None) -> None:
+        """``fork``: where the fork launcher's runners come from (default: the zygote)."""
         self.owner = owner or f"gateway@{config.server.host}:{config.server.port}"
         self.metrics = GatewayMetrics()
         self.pool = RunnerPool(config.pool_spec(), config.endpoint_specs(), self.owner,
-                               events=self.metrics)
+                               events=self.metrics, fork=fork)
         self.metrics.watch(self.pool)
         self.watcher = VersionWatcher(self.pool)
-        self.admin = AdminAPI(self)
+        self.reloader = ConfigReloader(self.pool, self.watcher, config, config_path, self.apply)
+        self.admin = AdminAPI(self.pool, self.watcher, self.reloader, lambda: self.admin_tokens)
         self.admin_tokens = TokenSet([])
         self.webhooks: WebhookVerifier | None = None
-        self.proxy: ModelProxy | None = None
-        self.apply_access(config)
+        app = Starlette(routes=self.routes(), lifespan=self.lifespan,
+                        exception_handlers={HTTPException: _http_error, Exception: _server_error})
+        self.proxy = ModelProxy(app, self.pool, self.metrics)
+        self.apply(config)
         self.ready = False
         self._hangup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def apply_access(self, config: GatewayConfig) -> None:
-        """Tokens and the webhook secret: read at start and on every config reload."""
+    def apply(self, config: GatewayConfig) -> None:
+        """What the HTTP side reads per request: set at start and on every config reload."""
         self.admin_tokens = TokenSet(config.auth.admin_tokens)
-        self.inference = config.inference_policy()
+        self.proxy.settings = ProxySettings.from_config(config)
         access_logger.disabled = not config.access_log
-        if self.proxy is not None:
-            self.proxy.policy = self.inference
-            self.proxy.max_body_size = config.max_body_size
-            self.proxy.max_header_size = config.max_header_size
         if self.webhooks is None or self.webhooks.secret != config.webhook_secret:
-            self.webhooks = webhook_verifier(config)
+            self.webhooks = WebhookVerifier(config.webhook_secret) if config.webhook_secret \
+                else None
 
     def hangup(self) -> None:
         """SIGHUP arrived (called from the signal handler): only record it."""
@@ -71,7 +72,7 @@ class Gateway:
             await self._hangup.wait()
             self._hangup.clear()
             try:
-                await self.admin.reloader.reload()
+                await self.reloader.reload()
             except ConfigError as exc:
                 log.error("SIGHUP: config not reloaded, nothing changed: %s", exc)
 
@@ -85,15 +86,13 @@ class Gateway:
         log.info("gateway ready with %d endpoints", len(self.pool.endpoints))
         if not self.admin_tokens:
             log.info("admin API disabled: no auth.admin_tokens configured")
-        if self.inference.open:
+        if self.proxy.settings.policy.open:
             log.info("inference routes are open: no auth.api_keys configured")
         try:
             yield
         finally:
             self.ready = False
             await self.watcher.close()
-            if self.proxy is not None:
-                self.proxy.close()
             await self.pool.close()
             log.info("gateway stopped; all runners stopped")
 
@@ -106,8 +105,7 @@ class Gateway:
             return JSONResponse({"status": "starting"}, status_code=503)
         waiting = self.pool.not_ready()
         if waiting:  # names and states only: no URIs, paths or tokens on a probe route
-            return JSONResponse({"status": "waiting for preloaded endpoints",
-                                 "endpoints": waiting}, status_code=503)
+            return JSONResponse({"status": "waiting", "waiting": waiting}, status_code=503)
         return JSONResponse({"status": "ready", "endpoints": len(self.pool.endpoints)})
 
     async def list_models(self, request: Request) -> Response:
@@ -133,7 +131,7 @@ class Gateway:
         hits = self.watcher.trigger(event.model_name) if event.model_name else []
         log.info("webhook %s.%s for model %r: re-resolving %d endpoint(s)", event.entity,
                  event.action, event.model_name, len(hits))
-        return JSONResponse({"refreshing": [ep.spec.label for ep in hits]})
+        return JSONResponse({"refreshing": [ep.label for ep in hits]})
 
     async def metrics_route(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -164,11 +162,8 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(config: GatewayConfig, *, owner: str | None = None,
-              config_path: str | None = None) -> tuple[ModelProxy, Gateway]:
+              config_path: str | None = None, fork: Fork | None = None
+              ) -> tuple[ModelProxy, Gateway]:
     """The ASGI app to serve, and the Gateway behind it."""
-    gateway = Gateway(config, owner=owner, config_path=config_path)
-    app = Starlette(routes=gateway.routes(), lifespan=gateway.lifespan,
-                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
-    gateway.proxy = ModelProxy(app, gateway.pool, gateway.metrics)
-    gateway.apply_access(config)
+    gateway = Gateway(config, owner=owner, config_path=config_path, fork=fork)
     return gateway.proxy, gateway

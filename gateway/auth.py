@@ -9,8 +9,6 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
-ADMIN, INFERENCE = "admin", "inference"
-
 
 def bearer(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header, else None."""

@@ -23,7 +23,7 @@ def run(config: GatewayConfig, config_path: str | None = None) -> int:
     import uvicorn
 
     from .app import build_app
-    from .protocol import GatewayHttpProtocol
+    from .protocol import server_protocol
     from .server import GatewayServer
 
     app, gateway = build_app(config, config_path=config_path)
@@ -36,7 +36,7 @@ def run(config: GatewayConfig, config_path: str | None = None) -> int:
     # rewrite would make a trusted proxy's "C" arrive as "C, C").
     server = GatewayServer(uvicorn.Config(
         app, host=config.server.host, port=config.server.port, lifespan="on",
-        loop="uvloop", http=GatewayHttpProtocol, ws="none", access_log=False, log_config=None,
+        loop="uvloop", http=server_protocol(), ws="none", access_log=False, log_config=None,
         proxy_headers=False,
         timeout_graceful_shutdown=int(drain) or None, server_header=False,
     ))

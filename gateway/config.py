@@ -68,6 +68,7 @@ class PoolConfig(_Strict):
     queue_timeout: Duration = 30.0
     memory_limit: Size = 0
     health_interval: Duration = Field(10.0, gt=0)
+    min_residency: Duration = 2.0
 
 
 class AuthConfig(_Strict):
@@ -134,13 +135,14 @@ class GatewayConfig(_Strict):
         return InferencePolicy(self.auth.api_keys, [((e.name, e.alias), e.public, e.api_keys)
                                                     for e in self.endpoints])
 
-    def pool_spec(self, state_dir: str | None = None) -> PoolSpec:
+    def pool_spec(self) -> PoolSpec:
         return PoolSpec(max_runners=self.pool.max_runners, idle_timeout=self.pool.idle_timeout,
                         queue_timeout=self.pool.queue_timeout,
                         memory_limit=self.pool.memory_limit,
                         health_interval=self.pool.health_interval,
+                        min_residency=self.pool.min_residency,
                         env_cache_dir=self.env_cache_dir, tracking_uri=self.tracking_uri,
-                        registry_uri=self.registry_uri, state_dir=state_dir)
+                        registry_uri=self.registry_uri)
 
 
 _HTTP_ONLY = {"public", "api_keys"}  # endpoint keys the gateway uses, not the runner pool

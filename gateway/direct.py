@@ -11,68 +11,66 @@ completes it.
 Only that plain case is served this way. Whenever anything else is needed, the request
 continues on the ordinary path, with nothing sent to the caller yet:
 
-    no serving runner, or a max_concurrency queue → uvicorn's cycle and ModelProxy from
+    no serving runner, or a max_concurrency queue → the ASGI path and ModelProxy from
                                                      the start, as if never seen here
-    no idle connection to the runner, an error,   → ModelProxy.relay in a task, on the
-    the request timeout, or an answer too large      connection the request went out on,
-    to hold in memory                                or a new one (it connects, retries,
-                                                     maps errors, streams)
+    no idle connection to the runner, an error,   → ModelProxy.relay on the ASGI path, on
+    the request timeout, or an answer too large      the connection the request went out
+    to hold in memory                                on, or a new one (it connects,
+                                                     retries, maps errors, streams)
 
-While it is in flight an exchange is the protocol's current cycle, so uvicorn's own
-handling of pipelined requests, lost connections and graceful shutdown applies to it:
-those read and write ``response_complete``, ``disconnected``, ``keep_alive`` and call
-``message_event.set()``.
+The exchange knows the server only through :class:`ServerConnection`: it asks it to
+write the answer, to fall back to the ASGI path, and to finish (``protocol.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+from runners import Endpoint, Runner, RunnerConnection
 
-from runners import Endpoint, Runner
-
-from .types import Receive, Scope, Send
-from .upstream import IncomingRequest, UpstreamConnection, UpstreamPool
+from .request import IncomingRequest
+from .types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from .protocol import GatewayHttpProtocol
     from .proxy import ModelProxy
 
 
-class _NothingWaits:
-    """uvicorn wakes its cycle's reader when the connection is lost; nothing reads here."""
+class ServerConnection(Protocol):
+    """The server side of one exchange."""
 
-    @staticmethod
-    def set() -> None:
-        return None
+    def write_answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *,
+                     head_only: bool, has_length: bool) -> bool:
+        """Write the answer (the server adds its default headers and the framing); False
+        when the status is not one it can write, and nothing was written."""
+
+    def fall_back(self, app: ASGIApp, body: bytes) -> None:
+        """Serve the rest of the exchange with ``app`` on the ASGI path; ``body`` is the
+        request's whole body."""
+
+    def finish(self) -> None:
+        """The answer is written; the connection goes on to the next request (or closes)."""
 
 
 class DirectExchange:
-    __slots__ = ("body", "chunks", "conn", "deadline", "disconnected", "ep", "keep_alive",
-                 "protocol", "proxy", "request", "response_complete", "runner", "scope",
-                 "started", "timer", "upstream")
-    message_event = _NothingWaits()
+    __slots__ = ("body", "chunks", "conn", "connection", "deadline", "disconnected", "ep",
+                 "proxy", "request", "runner", "scope", "started", "timer")
 
-    def __init__(self, protocol: GatewayHttpProtocol, proxy: ModelProxy, scope: Scope,
-                 ep: Endpoint, request: IncomingRequest, *, keep_alive: bool) -> None:
-        self.protocol = protocol
+    def __init__(self, connection: ServerConnection, proxy: ModelProxy, scope: Scope,
+                 ep: Endpoint, request: IncomingRequest) -> None:
+        self.connection = connection
         self.proxy = proxy
         self.scope = scope
         self.ep = ep
         self.request = request
-        self.keep_alive = keep_alive
-        self.response_complete = False
-        self.disconnected = False
+        self.disconnected = False  # set by the server when the caller goes away
         self.started = time.perf_counter()
         self.chunks: list[bytes] = []
         self.body = b""
         self.deadline = 0.0
         self.runner: Runner | None = None
-        self.upstream: UpstreamPool | None = None
-        self.conn: UpstreamConnection | None = None
+        self.conn: RunnerConnection | None = None
         self.timer: asyncio.TimerHandle | None = None
 
     def receive(self, chunk: bytes) -> None:
@@ -88,59 +86,47 @@ class DirectExchange:
         ep = self.ep
         runner = self.proxy.pool.acquire_now(ep)
         if runner is None:
-            self.protocol.run_cycle(self, self.protocol.app)
+            self.connection.fall_back(self.proxy, self.body)
             return
-        upstream = self.proxy.upstream(runner)
         timeout = ep.spec.request_timeout
-        self.runner, self.upstream = runner, upstream
+        self.runner = runner
         self.deadline = time.monotonic() + timeout
-        conn = self.conn = upstream.take()
+        conn = self.conn = runner.client.take()
         if conn is None:  # relay() connects, on the runner already bound
-            self.protocol.run_cycle(self, self._relay)
+            self.connection.fall_back(self._relay, self.body)
             return
-        self.timer = self.protocol.loop.call_later(timeout, self.answered)
+        self.timer = asyncio.get_running_loop().call_later(timeout, self.answered)
         conn.listener = self.answered
-        upstream.send(conn, self.request, self.body)
+        runner.client.send(conn, self.request, self.body)
 
     def answered(self) -> None:
         """The answer is complete, or streaming, or failed, or the timeout is up."""
         conn = self.conn
-        assert conn is not None and self.timer is not None
+        assert conn is not None and self.timer is not None and self.runner is not None
         conn.listener = None
         self.timer.cancel()
-        if conn.complete and conn.error is None and conn.status in STATUS_LINE:
-            self._respond(conn)
-        else:  # relay() reads the error or the timeout from the connection and answers
-            self.protocol.run_cycle(self, self._relay)
+        if conn.complete and conn.error is None and self._respond(conn, self.runner):
+            return
+        # relay() reads the error or the timeout from the connection and answers
+        self.connection.fall_back(self._relay, self.body)
 
-    def _respond(self, conn: UpstreamConnection) -> None:
-        assert self.upstream is not None
+    def _respond(self, conn: RunnerConnection, runner: Runner) -> bool:
         request, status = self.request, conn.status
-        body = conn.take_body()
         if not self.disconnected:
-            head = [STATUS_LINE[status]]
-            for name, value in (*self.protocol.server_state.default_headers, *conn.headers,
-                                *self.upstream.answer_headers):
-                head += (name, b": ", value, b"\r\n")
-            head += (b"x-request-id: ", request.request_id, b"\r\n")
-            head_only = request.method == "HEAD"
-            if not conn.has_length and not head_only and status not in (204, 304):
-                head.append(b"content-length: %d\r\n" % len(body))
-            if not self.keep_alive:
-                head.append(b"connection: close\r\n")
-            head.append(b"\r\n")
-            if not head_only:
-                head.append(body)
-            self.protocol.coalescing.send_now(b"".join(head))
-        self.upstream.finish(conn, reuse=True)
-        self.response_complete = True
+            headers = [*conn.headers, *self.proxy.identity(runner),
+                       (b"x-request-id", request.request_id)]
+            # Peeked, not taken: an answer the server cannot write goes the ASGI path whole.
+            if not self.connection.write_answer(status, headers, conn.peek_body(),
+                                                head_only=request.method == "HEAD",
+                                                has_length=conn.has_length):
+                return False
+        runner.client.finish(conn)
         self._finish(status)
-        if not self.keep_alive:
-            self.protocol.transport.close()
-        self.protocol.on_response_complete()
+        self.connection.finish()
+        return True
 
     async def _relay(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The rest of the exchange, as an ASGI app on uvicorn's cycle."""
+        """The rest of the exchange, as an ASGI app on the ordinary path."""
         assert self.runner is not None
         status = 500
         try:

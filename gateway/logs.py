@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
+from typing import TextIO
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color_message"}
 
@@ -72,7 +73,7 @@ class JsonFormatter(_Formatter):
         return json.dumps(out, default=str)
 
 
-class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class LineHandler(logging.StreamHandler[TextIO]):
     """A stream handler that, inside ``batch()``, collects lines and writes them at once."""
 
     def __init__(self) -> None:

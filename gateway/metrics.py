@@ -20,9 +20,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from runners import Endpoint, PoolEvents, RunnerPool
+from runners import Endpoint, PoolEvents, RunnerPool, State
 
-STATES = ("cold", "starting", "ready", "failed", "stopping")
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 COLD_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -48,9 +47,10 @@ class _PoolCollector(Collector):
                                    labels=["name", "alias", "version"])
         for ep in self.pool.endpoints.values():
             name, alias = ep.spec.name, ep.spec.alias
-            for s in STATES:
-                state.add_metric([name, alias, s], 1.0 if ep.state == s else 0.0)
-            runners = [r for r in (ep.runner, ep.pending) if r is not None]
+            for s in State:
+                state.add_metric([name, alias, s.value], 1.0 if ep.state is s else 0.0)
+            green = ep.cutover.runner if ep.cutover else None
+            runners = [r for r in (ep.runner, green) if r is not None]
             in_flight.add_metric([name, alias], float(sum(r.in_flight for r in runners)))
             if ep.runner is not None:
                 memory.add_metric([name, alias, ep.runner.version or "-"],

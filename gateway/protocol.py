@@ -1,32 +1,106 @@
-"""GatewayHttpProtocol: uvicorn's httptools protocol, with one send per answer and
-proxied requests served without the ASGI cycle where they can be.
+"""The gateway's HTTP/1.1 server protocol; the one module that uses uvicorn's internals.
 
-uvicorn writes an answer's head on ``http.response.start`` and its body on
-``http.response.body``: two ``send`` system calls and two TCP segments for every small
-answer, and the client is woken twice. Here a write is held back until the next one,
-which takes it along (the body takes the head), or until the end of the event-loop step:
-a small answer leaves in one piece, as soon as its body is written, and nothing waits
-for a later step. This is most of what a small prediction's answer costs to send (see
-``bench/proxy.py``).
+GatewayHttpProtocol is uvicorn's httptools protocol with two changes:
 
-A plain proxied request to a serving runner (most prediction traffic) is a
-DirectExchange (``direct.py``): served from this protocol's callbacks, with no task.
-Everything else, and any proxied request the moment it needs more, goes through uvicorn's
-request cycle to the ASGI app.
+- **One send per answer.** uvicorn writes an answer's head on ``http.response.start``
+  and its body on ``http.response.body``: two system calls and two TCP segments for
+  every small answer, and the client is woken twice. A :class:`CoalescingTransport`
+  holds a write back until the next one, which takes it along, or until the end of the
+  event-loop step.
+- **Plain proxied requests without the ASGI cycle.** A small request to a serving runner
+  is a ``DirectExchange`` (``direct.py``), served from this protocol's callbacks. While
+  in flight a :class:`_DirectCycle` stands in as uvicorn's current cycle, so uvicorn's
+  own handling of pipelined requests, lost connections and graceful shutdown applies.
+
+These lean on names outside uvicorn's public API (its request cycle and protocol
+attributes). :func:`server_protocol` checks at startup that the installed uvicorn has
+them; where it does not (or ``MODEL_GATEWAY_FAST_PATH=off``), it logs one warning and
+the gateway serves every request through uvicorn's own httptools protocol and the plain
+ASGI path, which is complete on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http
+import inspect
+import logging
+import os
 import urllib.parse
-from typing import Any
+from typing import Any, cast
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+try:  # uvicorn internals: server_protocol() checks them before GatewayHttpProtocol is used
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+except ImportError:  # pragma: no cover - a uvicorn without them serves the plain path
+    HttpToolsProtocol = RequestResponseCycle = object  # type: ignore[assignment, misc]
 
 from .direct import DirectExchange
-from .proxy import PROXIED, ModelProxy, parse_route
+from .proxy import ModelProxy
+from .request import PROXIED, parse_route
 from .types import ASGIApp
+
+log = logging.getLogger("model_gateway")
+
+FAST_PATH_ENV = "MODEL_GATEWAY_FAST_PATH"  # "off": the plain ASGI path only
+STATUS_LINE = {int(s): b"HTTP/1.1 %d %s\r\n" % (s, s.phrase.encode()) for s in http.HTTPStatus}
+# What this module uses of uvicorn.protocols.http.httptools_impl.
+CYCLE_PARAMETERS = ("scope", "transport", "flow", "logger", "access_logger", "access_log",
+                    "default_headers", "message_event", "expect_100_continue", "keep_alive",
+                    "on_response")
+PROTOCOL_METHODS = ("connection_made", "on_headers_complete", "on_body", "on_message_complete",
+                    "on_response_complete")
+PROTOCOL_ATTRIBUTES = ("config", "cycle", "expect_100_continue", "limit_concurrency", "parser",
+                       "url", "root_path", "scope", "server_state", "flow", "logger",
+                       "access_logger", "access_log", "tasks", "loop", "transport")
+CYCLE_ATTRIBUTES = ("body", "more_body", "disconnected", "message_event", "response_complete",
+                    "keep_alive")
+
+
+def fast_path_problems() -> list[str]:
+    """What the installed uvicorn lacks of what GatewayHttpProtocol uses (empty: nothing)."""
+    if os.environ.get(FAST_PATH_ENV, "").lower() in ("off", "0", "false", "no"):
+        return [f"turned off by {FAST_PATH_ENV}"]
+    try:
+        from uvicorn.protocols.http import httptools_impl
+    except ImportError as exc:
+        return [f"uvicorn.protocols.http.httptools_impl ({exc})"]
+    protocol = getattr(httptools_impl, "HttpToolsProtocol", None)
+    cycle = getattr(httptools_impl, "RequestResponseCycle", None)
+    if protocol is None or cycle is None:
+        return ["HttpToolsProtocol or RequestResponseCycle is gone"]
+    problems = [f"HttpToolsProtocol.{name}" for name in PROTOCOL_METHODS
+                if not callable(getattr(protocol, name, None))]
+    if not callable(getattr(cycle, "run_asgi", None)):
+        problems.append("RequestResponseCycle.run_asgi")
+    parameters = tuple(inspect.signature(cycle.__init__).parameters)[1:]
+    if parameters != CYCLE_PARAMETERS:
+        problems.append(f"RequestResponseCycle{parameters}")
+    try:
+        protocol_source = inspect.getsource(protocol)
+        cycle_source = inspect.getsource(cycle)
+    except (OSError, TypeError):
+        return [*problems, "uvicorn's source cannot be read"]
+    problems += [f"HttpToolsProtocol.{name}" for name in PROTOCOL_ATTRIBUTES
+                 if f"self.{name}" not in protocol_source]
+    problems += [f"RequestResponseCycle.{name}" for name in CYCLE_ATTRIBUTES
+                 if f"self.{name}" not in cycle_source]
+    return problems
+
+
+def server_protocol() -> type[asyncio.Protocol] | str:
+    """uvicorn's ``http`` setting: GatewayHttpProtocol when the installed uvicorn has what
+    it needs, else uvicorn's own httptools protocol (with one warning saying why)."""
+    problems = fast_path_problems()
+    if problems:
+        import uvicorn
+
+        log.warning("serving every request through the plain ASGI path (uvicorn %s): the "
+                    "fast path needs what this uvicorn lacks: %s", uvicorn.__version__,
+                    ", ".join(problems))
+        return "httptools"
+    return GatewayHttpProtocol
 
 
 class CoalescingTransport:
@@ -89,9 +163,84 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+class _NothingWaits:
+    """uvicorn wakes its cycle's reader when the connection is lost; nothing reads here."""
+
+    @staticmethod
+    def set() -> None:
+        return None
+
+
+class _DirectCycle:
+    """A DirectExchange as uvicorn's current cycle, and its ServerConnection."""
+
+    __slots__ = ("exchange", "keep_alive", "protocol", "response_complete", "scope")
+    message_event = _NothingWaits()
+
+    def __init__(self, protocol: GatewayHttpProtocol, scope: dict[str, Any],
+                 keep_alive: bool) -> None:
+        self.protocol = protocol
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.response_complete = False
+        self.exchange: DirectExchange | None = None
+
+    @property
+    def disconnected(self) -> bool:
+        return self.exchange is not None and self.exchange.disconnected
+
+    @disconnected.setter
+    def disconnected(self, value: bool) -> None:
+        if self.exchange is not None:
+            self.exchange.disconnected = value
+
+    def write_answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                     *, head_only: bool, has_length: bool) -> bool:
+        line = STATUS_LINE.get(status)
+        if line is None:
+            return False
+        head = [line]
+        for name, value in (*self.protocol.server_state.default_headers, *headers):
+            head += (name, b": ", value, b"\r\n")
+        if not has_length and not head_only and status not in (204, 304):
+            head.append(b"content-length: %d\r\n" % len(body))
+        if not self.keep_alive:
+            head.append(b"connection: close\r\n")
+        head.append(b"\r\n")
+        if not head_only:
+            head.append(body)
+        self.protocol.coalescing.send_now(b"".join(head))
+        return True
+
+    def finish(self) -> None:
+        self.response_complete = True
+        protocol = self.protocol
+        if not self.keep_alive:
+            protocol.transport.close()
+        protocol.on_response_complete()
+
+    def fall_back(self, app: ASGIApp, body: bytes) -> None:
+        protocol = self.protocol
+        cycle = RequestResponseCycle(
+            scope=cast(Any, self.scope), transport=protocol.transport, flow=protocol.flow,
+            logger=protocol.logger, access_logger=protocol.access_logger,
+            access_log=protocol.access_log,
+            default_headers=protocol.server_state.default_headers,
+            message_event=asyncio.Event(), expect_100_continue=False,
+            keep_alive=self.keep_alive, on_response=protocol.on_response_complete)
+        cycle.body = cast(Any, body)  # a bytearray in newer uvicorns, read the same way
+        cycle.more_body = False
+        cycle.disconnected = self.disconnected
+        cycle.message_event.set()
+        if protocol.cycle is cast(Any, self):  # else a pipelined request already took its place
+            protocol.cycle = cycle
+        task = protocol.loop.create_task(cycle.run_asgi(cast(Any, app)))
+        task.add_done_callback(protocol.tasks.discard)
+        protocol.tasks.add(task)
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol on a CoalescingTransport, serving plain proxied
-    requests as DirectExchanges (``direct.py``) and everything else through ASGI."""
+    requests as DirectExchanges and everything else through ASGI."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -101,14 +250,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.coalescing = CoalescingTransport(transport, self.loop)  # type: ignore[arg-type]
-        super().connection_made(self.coalescing)  # type: ignore[arg-type]
+        super().connection_made(cast(asyncio.Transport, self.coalescing))
 
     def on_headers_complete(self) -> None:
         exchange = self._direct_exchange()
         if exchange is None:
             super().on_headers_complete()
         else:
-            self.cycle = self._receiving = exchange  # type: ignore[assignment]
+            self._receiving = exchange
+            self.cycle = cast(Any, exchange.connection)
 
     def on_body(self, body: bytes) -> None:
         if self._receiving is not None:
@@ -124,9 +274,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             super().on_message_complete()
 
     def _direct_exchange(self) -> DirectExchange | None:
-        """A DirectExchange for this request, or None when it takes the ASGI path: not a
-        proxied route, refused, a body to stream, 100-continue, an upgrade, a concurrency
-        limit, or pipelined behind a request still being answered."""
+        """A DirectExchange for this request, or None when it takes the ASGI path: not
+        a proxied route, refused, a body to stream, 100-continue, an upgrade, a
+        concurrency limit, or pipelined behind a request still being answered."""
         proxy, cycle = self.proxy, self.cycle
         if proxy is None or self.expect_100_continue or self.limit_concurrency is not None \
                 or (cycle is not None and not cycle.response_complete) \
@@ -137,9 +287,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         route = parse_route(raw_path)
         if route is None or route[2] not in PROXIED:
             return None
-        # The scope the ASGI path would build: the access line and, if the request moves
-        # to the ASGI path later, ModelProxy read it.
-        scope = self.scope
+        # The scope the ASGI path would build: the access line and, if the request
+        # moves to the ASGI path later, ModelProxy read it.
+        scope: dict[str, Any] = cast(Any, self.scope)
         path = parsed.path.decode("ascii")
         scope["method"] = self.parser.get_method().decode("ascii")
         scope["path"] = self.root_path + (urllib.parse.unquote(path) if "%" in path else path)
@@ -148,26 +298,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         http_version = self.parser.get_http_version()
         if http_version != "1.1":
             scope["http_version"] = http_version
-        admitted = proxy.admit(scope, *route)  # type: ignore[arg-type]
+        admitted = proxy.admit(scope, *route)
         if admitted is None:
             return None
         keep_alive = http_version != "1.0" and self.parser.should_keep_alive()
-        return DirectExchange(self, proxy, scope, *admitted,  # type: ignore[arg-type]
-                              keep_alive=keep_alive)
+        stand_in = _DirectCycle(self, scope, keep_alive)
+        stand_in.exchange = DirectExchange(stand_in, proxy, scope, *admitted)
+        return stand_in.exchange
 
-    def run_cycle(self, exchange: DirectExchange, app: ASGIApp) -> None:
-        """Serve the rest of ``exchange`` (its whole body is in) with ``app`` on uvicorn's
-        ordinary request cycle."""
-        cycle = RequestResponseCycle(
-            scope=exchange.scope, transport=self.transport, flow=self.flow,  # type: ignore[arg-type]
-            logger=self.logger, access_logger=self.access_logger, access_log=self.access_log,
-            default_headers=self.server_state.default_headers, message_event=asyncio.Event(),
-            expect_100_continue=False, keep_alive=exchange.keep_alive,
-            on_response=self.on_response_complete)
-        cycle.body = bytearray(exchange.body)
-        cycle.more_body = False
-        cycle.disconnected = exchange.disconnected
-        cycle.message_event.set()
-        if self.cycle is exchange:  # else a pipelined request already took its place
-            self.cycle = cycle
-        self._start_asgi_task(cycle, app)  # type: ignore[arg-type]

@@ -2,11 +2,11 @@
 
 A plain ASGI callable rather than a Starlette route: it is on every prediction's path,
 so it parses the path once, checks the caller and the request's size, binds the request
-to a runner, and moves bytes (``upstream.py`` holds the connections to runners).
+to a runner, and moves bytes through the runner's client (``runners.client``).
 
-The server protocol serves most proxied requests without calling it (``direct.py``), with
-the checks of ``admit()`` and the bookkeeping of ``record()``; a request that needs more
-than that continues in ``relay()``.
+The server protocol serves most proxied requests without calling it (``direct.py``),
+with the checks of ``admit()`` and the bookkeeping of ``record()``; a request that needs
+more than that continues in ``relay()``.
 """
 
 from __future__ import annotations
@@ -15,49 +15,43 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
-from urllib.parse import unquote
 
-import aiohttp
-
-from runners import Endpoint, Runner, RunnerPool
+from runners import (
+    Endpoint,
+    ReadTimeout,
+    Runner,
+    RunnerConnection,
+    RunnerPool,
+    ServerDisconnected,
+    TransportError,
+)
 
 from .access import AccessLog
 from .auth import InferencePolicy
-from .errors import map_error, send_error
+from .errors import Refusal, map_error, send_error
 from .metrics import GatewayMetrics
+from .request import PROXIED, IncomingRequest, parse_route
+from .settings import ProxySettings
 from .types import ASGIApp, Receive, Scope, Send
-from .upstream import SMALL_BODY, IncomingRequest, UpstreamConnection, UpstreamPool
 
 access_logger = logging.getLogger("model_gateway.access")
 
-PROXIED = {"invocations": "POST", "ping": "GET", "health": "GET", "version": "GET"}
+SMALL_BODY = 256 * 1024  # request bodies up to this size are read whole, larger ones stream
 UNAUTHORIZED = [(b"www-authenticate", b'Bearer realm="model-gateway"')]
-
-
-def parse_route(raw_path: bytes) -> tuple[str, str, str] | None:
-    """``/models/<name>/<alias>/<action>`` → decoded (name, alias, action), else None."""
-    parts = raw_path.split(b"?", 1)[0].split(b"/")
-    if len(parts) != 5 or parts[1] != b"models" or not all(parts[2:]):
-        return None
-    return unquote(parts[2].decode("latin-1")), unquote(parts[3].decode("latin-1")), \
-        parts[4].decode("latin-1")
 
 
 class ModelProxy:
     """Serves proxied model routes itself and hands every other request to ``app``.
 
-    ``policy``, ``max_body_size`` and ``max_header_size`` may be replaced while serving
-    (config reload); each request reads them once.
+    ``settings`` is swapped whole on a config reload; each request reads it once.
     """
 
     def __init__(self, app: ASGIApp, pool: RunnerPool, metrics: GatewayMetrics) -> None:
         self.app = app
         self.pool = pool
         self.metrics = metrics
-        self.policy = InferencePolicy([], [])
-        self.max_body_size = 64 * 2**20
-        self.max_header_size = 64 * 2**10
-        self._upstreams: weakref.WeakKeyDictionary[Runner, UpstreamPool] = \
+        self.settings = ProxySettings(policy=InferencePolicy([], []))
+        self._identities: weakref.WeakKeyDictionary[Runner, list[tuple[bytes, bytes]]] = \
             weakref.WeakKeyDictionary()
         self.access_log = AccessLog(access_logger)
 
@@ -68,6 +62,15 @@ class ModelProxy:
                 await self.proxy(scope, receive, send, *route)
                 return
         await self.app(scope, receive, send)
+
+    def identity(self, runner: Runner) -> list[tuple[bytes, bytes]]:
+        """The headers every answer from ``runner`` carries: the version and URI served."""
+        headers = self._identities.get(runner)
+        if headers is None:
+            headers = self._identities[runner] = [
+                (b"x-model-version", (runner.version or "-").encode()),
+                (b"x-model-uri", runner.model_uri.encode())]
+        return headers
 
     def admit(self, scope: Scope, name: str, alias: str, action: str
               ) -> tuple[Endpoint, IncomingRequest] | None:
@@ -81,29 +84,32 @@ class ModelProxy:
         length = request.content_length
         if (length is None and request.method in ("POST", "PUT")) or \
                 (length is not None and length > SMALL_BODY) or \
-                self._refusal(request, ep.key, action) is not None:
+                self._refusal(request, ep.key, action, self.settings) is not None:
             return None
         return ep, request
 
-    def _refusal(self, request: IncomingRequest, key: tuple[str, str], action: str
-                 ) -> tuple[int, str, str, list[tuple[bytes, bytes]]] | None:
+    @staticmethod
+    def _refusal(request: IncomingRequest, key: tuple[str, str], action: str,
+                 settings: ProxySettings) -> Refusal | None:
         """Why this request is refused before it reaches a runner, or None."""
         method = request.method
         if method != PROXIED[action] and not (action != "invocations" and method == "HEAD"):
             return 405, "method_not_allowed", f"{action} accepts {PROXIED[action]} only", \
                 [(b"allow", PROXIED[action].encode())]
-        if request.header_bytes > self.max_header_size:
-            return 431, "headers_too_large", \
-                f"request headers exceed max_header_size ({self.max_header_size} bytes)", []
-        if not self.policy.allows(key, request.authorization):
+        if request.header_bytes > settings.max_header_size:
+            return 431, "headers_too_large", "request headers exceed max_header_size " \
+                f"({settings.max_header_size} bytes)", []
+        if not settings.policy.allows(key, request.authorization):
             return 401, "unauthorized", "a valid api key is required", UNAUTHORIZED
-        if request.content_length is not None and request.content_length > self.max_body_size:
+        if request.content_length is not None and \
+                request.content_length > settings.max_body_size:
             return 413, "body_too_large", \
-                f"request body exceeds max_body_size ({self.max_body_size} bytes)", []
+                f"request body exceeds max_body_size ({settings.max_body_size} bytes)", []
         return None
 
     async def proxy(self, scope: Scope, receive: Receive, send: Send,
                     name: str, alias: str, action: str) -> None:
+        settings = self.settings
         ep = self.pool.endpoints.get((name, alias))
         if ep is None:
             await send_error(send, 404, "endpoint_not_found",
@@ -112,7 +118,7 @@ class ModelProxy:
         request = IncomingRequest(scope, action)
         started = time.perf_counter()
         request_id = (b"x-request-id", request.request_id)
-        refusal = self._refusal(request, ep.key, action)
+        refusal = self._refusal(request, ep.key, action, settings)
         if refusal is not None:
             status, code, message, extra = refusal
             await send_error(send, status, code, message, [*extra, request_id])
@@ -122,44 +128,30 @@ class ModelProxy:
         try:
             runner = await self.pool.acquire(ep)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON answer
-            status, code, message, extra = map_error(exc, ep.spec.label)
+            status, code, message, extra = map_error(exc, ep.label)
             await send_error(send, status, code, message, [*extra, request_id])
             self.record(scope, ep, None, status, started, request.request_id)
             return
         try:
-            status = await self._forward(request, receive, send, ep, runner)
+            status = await self._forward(request, receive, send, ep, runner, settings)
         except BodyTooLarge:
             status = 413
-            await send_error(send, status, "body_too_large",
-                             f"request body exceeds max_body_size ({self.max_body_size} bytes)",
-                             [request_id])
+            await send_error(send, status, "body_too_large", "request body exceeds "
+                             f"max_body_size ({settings.max_body_size} bytes)", [request_id])
         except ClientDisconnected:
             status = 499  # nobody is left to answer
         finally:
             self.pool.release(ep, runner)
             self.record(scope, ep, runner, status, started, request.request_id)
 
-    def close(self) -> None:
-        """Close every idle connection to the runners (they also close when a runner exits)."""
-        for upstream in list(self._upstreams.values()):
-            upstream.close()
-
-    def upstream(self, runner: Runner) -> UpstreamPool:
-        upstream = self._upstreams.get(runner)
-        if upstream is None:
-            upstream = self._upstreams[runner] = UpstreamPool("127.0.0.1", runner.port, [
-                (b"x-model-version", (runner.version or "-").encode()),
-                (b"x-model-uri", runner.model_uri.encode())], unix=runner.socket)
-        return upstream
-
     async def _forward(self, request: IncomingRequest, receive: Receive, send: Send,
-                       ep: Endpoint, runner: Runner) -> int:
+                       ep: Endpoint, runner: Runner, settings: ProxySettings) -> int:
         body: bytes | AsyncIterator[bytes]
         length = request.content_length
         if length is not None and length <= SMALL_BODY:
             body = await _read_body(receive)
         elif request.method in ("POST", "PUT"):
-            body = _stream_body(receive, self.max_body_size)
+            body = _stream_body(receive, settings.max_body_size)
         else:
             body = b""
         deadline = time.monotonic() + ep.spec.request_timeout
@@ -167,37 +159,31 @@ class ModelProxy:
 
     async def relay(self, request: IncomingRequest, body: bytes | AsyncIterator[bytes],
                     send: Send, ep: Endpoint, runner: Runner, deadline: float,
-                    sent: UpstreamConnection | None = None) -> int:
+                    sent: RunnerConnection | None = None) -> int:
         """Send the request to ``runner`` (unless it was ``sent`` already) and its answer
         to the caller; the answer's status, or the error status the caller was sent."""
-        upstream = self.upstream(runner)
+        identity = self.identity(runner)
         request_id = (b"x-request-id", request.request_id)
         try:
-            conn = await upstream.exchange(request, body, deadline, sent=sent)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            if isinstance(exc, TimeoutError) and runner.exited.is_set():
-                exc = aiohttp.ServerDisconnectedError()
-            status, code, message, extra = map_error(exc, ep.spec.label)
-            await send_error(send, status, code, message,
-                             [*extra, request_id, upstream.answer_headers[0]])
+            response = await runner.client.exchange(request, body, deadline, sent=sent)
+        except TransportError as exc:
+            if isinstance(exc, ReadTimeout) and runner.exited.is_set():
+                exc = ServerDisconnected("the runner exited")
+            status, code, message, extra = map_error(exc, ep.label)
+            await send_error(send, status, code, message, [*extra, request_id, identity[0]])
             return status
-        done = False
-        try:
-            start = {"type": "http.response.start", "status": conn.status,
-                     "headers": [*conn.headers, *upstream.answer_headers, request_id]}
-            if conn.complete:  # the whole answer is in: send it in one piece
-                await send(start)
-                await send({"type": "http.response.body", "body": conn.take_body()})
+        async with response:
+            start = {"type": "http.response.start", "status": response.status,
+                     "headers": [*response.headers, *identity, request_id]}
+            await send(start)
+            if response.complete:  # the whole answer is in: send it in one piece
+                await send({"type": "http.response.body", "body": response.read_buffered()})
             else:  # the status line is out; a failure now can only cut the answer short
-                await send(start)
-                async for chunk in conn.iter_body(ep.spec.request_timeout):
+                async for chunk in response.iter_body(ep.spec.request_timeout):
                     await send({"type": "http.response.body", "body": chunk,
                                 "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
-            done = True
-            return conn.status
-        finally:
-            upstream.finish(conn, reuse=done)
+            return response.status
 
     def record(self, scope: Scope, ep: Endpoint, runner: Runner | None, status: int,
                started: float, request_id: bytes) -> None:
@@ -207,7 +193,7 @@ class ModelProxy:
         if self.access_log.enabled():
             self.access_log.add((scope["method"], scope["path"], status), {
                 "method": scope["method"], "route": scope["path"],
-                "endpoint": ep.spec.label, "version": runner.version if runner else None,
+                "endpoint": ep.label, "version": runner.version if runner else None,
                 "status": status, "duration_ms": round(seconds * 1000, 2),
                 "request_id": request_id.decode("latin-1")})
 

@@ -3,19 +3,58 @@
 Never imports ``gateway``: the HTTP side drives this package, not the other way round.
 """
 
-from .endpoint import Endpoint
-from .errors import PoolBusy, ResolveError, RunnerError, RunnerGone, RunnerStartError, StartBackoff
+from .client import OutgoingRequest, Response, RunnerClient
+from .connection import RunnerConnection
+from .endpoint import Cutover, Endpoint, IllegalTransition, Phase, State
+from .errors import (
+    ConnectError,
+    HelperUnavailable,
+    PoolBusy,
+    ReadTimeout,
+    RemoteProtocolError,
+    ResolveError,
+    RunnerError,
+    RunnerStartError,
+    ServerDisconnected,
+    StartBackoff,
+    TransportError,
+)
 from .events import PoolEvents
+from .launch import Fork, LaunchSpec
 from .pool import RunnerPool
-from .registry import RegistryClient, Resolved
+from .registry import Resolved
 from .runner import Runner
-from .spec import ENV_MANAGERS, LAUNCHERS, EndpointSpec, PoolSpec
-from .target import ModelTarget
+from .spec import EndpointSpec, PoolSpec
 from .watcher import VersionWatcher
 
 __all__ = [
-    "ENV_MANAGERS", "LAUNCHERS", "Endpoint", "EndpointSpec", "ModelTarget", "PoolBusy",
-    "PoolEvents", "PoolSpec", "RegistryClient", "ResolveError", "Resolved", "Runner",
-    "RunnerError", "RunnerGone", "RunnerPool", "RunnerStartError", "StartBackoff",
+    "ConnectError",
+    "Cutover",
+    "Endpoint",
+    "EndpointSpec",
+    "Fork",
+    "HelperUnavailable",
+    "IllegalTransition",
+    "LaunchSpec",
+    "OutgoingRequest",
+    "Phase",
+    "PoolBusy",
+    "PoolEvents",
+    "PoolSpec",
+    "ReadTimeout",
+    "RemoteProtocolError",
+    "ResolveError",
+    "Resolved",
+    "Response",
+    "Runner",
+    "RunnerClient",
+    "RunnerConnection",
+    "RunnerError",
+    "RunnerPool",
+    "RunnerStartError",
+    "ServerDisconnected",
+    "StartBackoff",
+    "State",
+    "TransportError",
     "VersionWatcher",
 ]

@@ -1,11 +1,19 @@
 """Errors raised by the process side.
 
     RunnerError
-    ├── RunnerStartError      the runner did not become ready (exit, timeout, bad model)
-    │   └── StartBackoff      a recent start failed; not retried until the backoff passes
-    ├── RunnerGone            the runner exited while a request was bound to it
-    ├── PoolBusy              no runner slot freed up within queue_timeout
-    └── ResolveError          the registry could not resolve the model URI
+    ├── RunnerStartError        the runner did not become ready (exit, timeout, bad model)
+    │   ├── StartBackoff        a recent start failed; not retried until the backoff passes
+    │   ├── EnvBuildError       the model's environment (or download) could not be prepared
+    │   └── HelperUnavailable   a helper process (zygote, resolver) is down and restarting
+    ├── PoolBusy                no runner slot freed up within queue_timeout
+    ├── ResolveError            the registry could not resolve the model URI
+    └── TransportError          talking HTTP to a runner failed (``runners.client``)
+        ├── ConnectError        no connection could be made (refused, no such socket)
+        ├── ServerDisconnected  the runner closed the connection before a complete answer
+        ├── RemoteProtocolError the runner's answer was not valid HTTP/1.1
+        └── ReadTimeout         no complete answer before the deadline
+
+The gateway maps these to HTTP statuses in one place (``gateway.errors.map_error``).
 """
 
 from __future__ import annotations
@@ -25,8 +33,8 @@ class StartBackoff(RunnerStartError):
     pass
 
 
-class RunnerGone(RunnerError):
-    pass
+class EnvBuildError(RunnerStartError):
+    """A model's environment (or its download) could not be prepared; the message says why."""
 
 
 class PoolBusy(RunnerError):
@@ -36,4 +44,28 @@ class PoolBusy(RunnerError):
 
 
 class ResolveError(RunnerError):
+    pass
+
+
+class HelperUnavailable(RunnerStartError):
+    """A helper process is down; the supervisor restarts it after ``retry_after`` seconds."""
+
+
+class TransportError(RunnerError):
+    pass
+
+
+class ConnectError(TransportError):
+    pass
+
+
+class ServerDisconnected(TransportError):
+    pass
+
+
+class RemoteProtocolError(TransportError):
+    pass
+
+
+class ReadTimeout(TransportError):
     pass

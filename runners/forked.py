@@ -4,7 +4,8 @@
 back as a :class:`ForkedProcess`, which offers the part of ``asyncio.subprocess.Process``
 that :class:`~runners.runner.Runner` uses (``pid``, ``returncode``, ``wait()``,
 ``stdout``). The gateway cannot ``waitpid`` a forked runner: the zygote reaps it and
-reports its exit over the control socket.
+reports its exit over the control socket. A Zygote is a helper process of the
+supervisor (``runners.supervisor``): ``start``, ``wait``, ``close``.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .launch import kill_group, output_lines, spawn
-from .zygote import MAX_MESSAGE, OUTPUT_LINES, SERVE_MODULE, ZYGOTE_ARGV, ZygoteError
+from .launch import PROJECT_ROOT, LaunchSpec
+from .process import kill_group, output_lines, spawn
+from .zygote import MAX_MESSAGE, OUTPUT_LINES, ZYGOTE_ARGV, ZygoteError
 
 log = logging.getLogger("model_gateway.zygote")
-_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 class ForkedProcess:
@@ -59,13 +60,15 @@ class ForkedProcess:
 class Zygote:
     """The gateway's end of one zygote process."""
 
+    name = "zygote"
+
     def __init__(self, env: dict[str, str], *, start_timeout: float = 120.0,
                  reply_timeout: float = 10.0) -> None:
         self.env = dict(env)
         # The zygote imports runners.zygote: the project must be importable from anywhere.
         path = self.env.get("PYTHONPATH", "")
-        if _PROJECT_ROOT not in path.split(os.pathsep):
-            self.env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, path) if p)
+        if PROJECT_ROOT not in path.split(os.pathsep):
+            self.env["PYTHONPATH"] = os.pathsep.join(p for p in (PROJECT_ROOT, path) if p)
         self.start_timeout = start_timeout
         self.reply_timeout = reply_timeout
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
@@ -76,6 +79,7 @@ class Zygote:
         self._children: dict[int, ForkedProcess] = {}
         self._next_id = 0
         self._lost_reason: str | None = None
+        self._gone = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -91,8 +95,12 @@ class Zygote:
         return f"{reason}; zygote output:\n{lines}" if lines else reason
 
     async def start(self) -> None:
-        """Start the zygote and wait until it has imported everything."""
+        """Start the zygote and wait until it has imported everything (again, after the
+        supervisor saw the last one go)."""
         loop = asyncio.get_running_loop()
+        self._pending, self._children, self._tasks = {}, {}, []
+        self._lost_reason, self._gone = None, asyncio.Event()
+        self.output.clear()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = await spawn(ZYGOTE_ARGV, self.env, stdin=theirs.fileno())
@@ -122,9 +130,13 @@ class Zygote:
         log.info("zygote %s ready in %.1fs (%s modules imported)", self.pid,
                  self.ready_seconds or 0, ready.get("modules"))
 
-    async def spawn(self, argv: list[str], env: dict[str, str]) -> ForkedProcess:
-        """Fork a runner for ``argv`` (a ``python -m runners.serve ...`` command line)."""
-        args = serve_args(argv)
+    async def wait(self) -> int | None:
+        """Until the zygote is gone; its exit code when it exited."""
+        await self._gone.wait()
+        return self._proc.returncode if self._proc else None
+
+    async def fork(self, spec: LaunchSpec) -> ForkedProcess:
+        """Fork a runner serving ``spec`` (``runners.serve.run`` with its options)."""
         if not self.is_alive or self._sock is None:
             raise ZygoteError(self.failure(self._lost_reason or "zygote not started"))
         self._next_id += 1
@@ -135,8 +147,9 @@ class Zygote:
         read_fd, write_fd = os.pipe()
         try:
             try:
-                await self._send({"op": "spawn", "id": request_id, "args": args, "env": env},
-                                 write_fd)
+                await self._send({"op": "spawn", "id": request_id,
+                                  "options": asdict(spec.serve_options()),
+                                  "env": dict(spec.env)}, write_fd)
             finally:
                 os.close(write_fd)  # from now on only the child holds the write end
             answer = await asyncio.wait_for(reply, self.reply_timeout)
@@ -245,6 +258,9 @@ class Zygote:
             child._set_exit(-signal.SIGKILL)
         if self._sock is not None:
             self._sock.close()
+        if self._proc is not None:
+            await self._exit_code()
+        self._gone.set()
 
     async def _abort(self, reason: str) -> NoReturn:
         if self._proc is not None and self._proc.returncode is None:
@@ -260,14 +276,6 @@ class Zygote:
             return await asyncio.wait_for(self._proc.wait(), 5)
         except TimeoutError:
             return None
-
-
-def serve_args(argv: list[str]) -> list[str]:
-    """The ``runners.serve`` arguments of a direct launcher's command line."""
-    if argv[:3] != [sys.executable, "-m", SERVE_MODULE]:
-        raise ValueError(f"the fork launcher runs `{sys.executable} -m {SERVE_MODULE} ...` "
-                         f"only, not {argv[:3]}")
-    return argv[3:]
 
 
 async def _until_gone(pids: list[int], timeout: float) -> None:

@@ -1,37 +1,106 @@
-"""How a runner process is launched: its command line, environment and process group.
+"""How a runner process is launched: a :class:`LaunchSpec` (data), and one launcher per way.
 
-Three launchers serve the same MLflow scoring protocol:
+A launch is described once, as data; each launcher turns it into a process:
 
-- ``cli``: ``mlflow models serve`` exactly as a user would run it (two processes:
-  the CLI stays alive beside the uvicorn it starts).
-- ``direct``: ``python -m runners.serve``, one process that loads the model and runs
-  MLflow's own scoring app. Used for ``env_manager: local`` only; other environment
-  managers always go through the CLI, which builds the model's environment.
-- ``fork`` (the default): the direct launcher's command, run in a child forked from a
-  zygote that has imported MLflow, pandas and scikit-learn once (``runners.zygote``):
-  sub-second cold starts, pages shared copy-on-write. ``env_manager: local`` only.
+- ``fork`` (the default, ``env_manager: local``): a child of the zygote, which imported
+  MLflow, pandas and scikit-learn once (``runners.zygote``); it calls
+  ``runners.serve.run`` with the spec's options. Sub-second cold starts, pages shared.
+- ``direct`` (``env_manager: local``): a fresh ``python -m runners.serve``.
+- ``env`` (any other ``env_manager``): the model's own built environment runs
+  ``serve.py`` by path (``runners.environment`` builds it first).
+- ``cli``: ``mlflow models serve`` exactly as a user would run it (two processes: the
+  CLI stays alive beside the uvicorn it starts).
+
+Every launcher returns a :class:`RunnerProcess`, in its own process group.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import math
 import os
-import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+from .process import OWNER_ENV, spawn
+from .serve import ServeOptions
 from .spec import EndpointSpec, PoolSpec
 
-PR_SET_PDEATHSIG = 1
 RUNNER_TIMEOUT_SLACK = 5  # seconds
-OWNER_ENV = "MODEL_GATEWAY_OWNER"
-_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
 SERVE_SCRIPT = str(Path(__file__).resolve().with_name("serve.py"))
+PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class RunnerProcess(Protocol):
+    """What the pool needs of a runner's process (``asyncio.subprocess.Process`` has it)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def stdout(self) -> asyncio.StreamReader | None: ...
+
+    async def wait(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything one runner is started from."""
+
+    label: str  # the endpoint, name/alias
+    version: str | None  # the registry version it serves, if any
+    model_uri: str  # what it loads: a pinned models:/ URI, a path, a downloaded copy
+    port: int
+    launcher: str  # fork | direct | env | cli
+    env: Mapping[str, str] = field(repr=False)
+    workers: int = 1
+    request_timeout: float = 60.0
+    socket: str | None = None  # an abstract unix socket name (see runner_socket)
+    python: Path | None = None  # a built environment's interpreter
+    env_manager: str = "local"
+
+    @property
+    def title(self) -> str:
+        version = f" v{self.version}" if self.version else ""
+        return f"model-gateway runner {self.label}{version} port {self.port}"
+
+    def serve_options(self) -> ServeOptions:
+        # The runner gives up a little after the gateway's request_timeout: the caller gets
+        # the gateway's own JSON 504, not MLflow's plain-text one racing it.
+        timeout = math.ceil(self.request_timeout) + RUNNER_TIMEOUT_SLACK
+        return ServeOptions(model_uri=self.model_uri, port=self.port, workers=self.workers,
+                            timeout=timeout, abstract_socket=self.socket, title=self.title)
+
+    def argv(self) -> list[str]:
+        """The command line of every launcher but ``fork``."""
+        options = self.serve_options()
+        if self.launcher == "env":
+            # By path, not `-m runners.serve`: the model's environment has none of the
+            # gateway's packages, and serve.py imports only MLflow.
+            assert self.python is not None
+            return [str(self.python), SERVE_SCRIPT, *options.argv()]
+        if self.launcher in ("direct", "fork"):
+            return [sys.executable, "-m", "runners.serve", *options.argv()]
+        return [sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri,
+                "--env-manager", self.env_manager, "-h", "127.0.0.1", "-p", str(self.port),
+                "--workers", str(self.workers), "--timeout", str(options.timeout)]
+
+
+# The fork launcher's process comes from the zygote (runners.forked); the others spawn.
+Fork = Callable[[LaunchSpec], Awaitable[RunnerProcess]]
+
+
+async def start_process(spec: LaunchSpec, fork: Fork) -> RunnerProcess:
+    """Start the runner ``spec`` describes, with its launcher."""
+    if spec.launcher == "fork":
+        return await fork(spec)
+    return await spawn(spec.argv(), dict(spec.env))
 
 
 def effective_launcher(spec: EndpointSpec) -> str:
@@ -52,33 +121,12 @@ def runner_socket(spec: EndpointSpec, port: int) -> str | None:
     return f"model-gateway/{os.getpid()}/{port}"
 
 
-def runner_argv(spec: EndpointSpec, model_uri: str, port: int,
-                python: Path | None = None, socket: str | None = None) -> list[str]:
-    """The runner's command line; ``socket``: its runner_socket() name, if it has one."""
-    # The runner gives up a little after the gateway's request_timeout: the caller gets the
-    # gateway's own JSON 504, not MLflow's plain-text one racing it.
-    runner_timeout = math.ceil(spec.request_timeout) + RUNNER_TIMEOUT_SLACK
-    common = ["--workers", str(spec.workers), "--timeout", str(runner_timeout)]
-    if socket is not None:
-        common += ["--abstract-socket", socket]
-    if python is not None:
-        # By path, not `-m runners.serve`: the model's environment has neither this
-        # package nor aiohttp, and serve.py imports only MLflow.
-        return [str(python), SERVE_SCRIPT, "--model-uri", model_uri,
-                "--host", "127.0.0.1", "--port", str(port), *common]
-    if effective_launcher(spec) in ("direct", "fork"):
-        return [sys.executable, "-m", "runners.serve", "--model-uri", model_uri,
-                "--host", "127.0.0.1", "--port", str(port), *common]
-    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-            "--env-manager", spec.env_manager, "-h", "127.0.0.1", "-p", str(port), *common]
-
-
 def runner_env(pool: PoolSpec, owner: str) -> dict[str, str]:
     env = dict(os.environ)
     # `mlflow models serve` runs `exec uvicorn ...` through bash: the interpreter's own
     # bin/ must come first on PATH or the runner fails with `uvicorn: not found`.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [_PROJECT_ROOT, env.get("PYTHONPATH")] if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [PROJECT_ROOT, env.get("PYTHONPATH")] if p)
     env["PYTHONUNBUFFERED"] = "1"
     # `mlflow models serve` runs the uvicorn CLI, which reads these: its access log would
     # repeat, through the runner's output, the line the gateway writes for each request.
@@ -89,11 +137,10 @@ def runner_env(pool: PoolSpec, owner: str) -> dict[str, str]:
     if pool.registry_uri:
         env["MLFLOW_REGISTRY_URI"] = pool.registry_uri
     env[OWNER_ENV] = owner
-    env.update(pool.extra_env)
     return env
 
 
-def model_env_vars(env: dict[str, str], python: Path) -> dict[str, str]:
+def model_env_vars(env: Mapping[str, str], python: Path) -> dict[str, str]:
     """A runner's environment for a built model environment: its bin/ first on PATH, no
     gateway venv or source tree on the path, and bytecode saved (PYTHONDONTWRITEBYTECODE
     would make every start recompile the model's libraries: seconds each time)."""
@@ -101,68 +148,3 @@ def model_env_vars(env: dict[str, str], python: Path) -> dict[str, str]:
            if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")}
     out["PATH"] = os.pathsep.join([str(python.parent), env.get("PATH", "")])
     return out
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Runs in the child between fork and exec: SIGKILL it when the gateway dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the gateway died before prctl took effect
-        os._exit(1)
-
-
-async def spawn(argv: list[str], env: dict[str, str], *,
-                stdin: int = asyncio.subprocess.DEVNULL) -> asyncio.subprocess.Process:
-    """Start argv in its own process group (session), output merged into one pipe."""
-    parent = os.getpid()
-    preexec = (lambda: die_with_parent(parent)) if sys.platform.startswith("linux") else None
-    return await asyncio.create_subprocess_exec(
-        *argv,
-        env=env,
-        stdin=stdin,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=preexec,
-    )
-
-
-def kill_group(pid: int, sig: int) -> bool:
-    """Signal a runner's whole process group; False if it is already gone."""
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def find_leftovers(owner: str) -> list[int]:
-    """Process groups started by an earlier gateway with the same owner id (Linux /proc)."""
-    marker = f"{OWNER_ENV}={owner}".encode()
-    found: list[int] = []
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if marker in environ:
-            try:
-                found.append(os.getpgid(int(entry.name)))
-            except ProcessLookupError:
-                continue
-    return sorted(set(found))
-
-
-async def output_lines(stream: asyncio.StreamReader) -> AsyncIterator[str]:
-    """A process's output, line by line, blank lines skipped, until it closes."""
-    while True:
-        try:
-            raw = await stream.readline()
-        except ValueError:  # a line longer than the stream limit; keep reading
-            continue
-        if not raw:
-            return
-        if line := raw.decode(errors="replace").rstrip():
-            yield line

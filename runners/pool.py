@@ -1,126 +1,109 @@
-"""RunnerPool: owns every runner process; starts them lazily, evicts, reaps, watches health."""
+"""RunnerPool: owns every runner; admits requests, binds them, and keeps within capacity.
+
+- **Admission and binding**: :meth:`acquire` returns a bound runner (started if needed,
+  through the starter); :meth:`release` unbinds it. A request is bound to the runner it
+  got, so a cutover moves only new requests; nothing is sent to a runner being stopped.
+- **Capacity**: ``max_runners`` and ``memory_limit`` count live runners and cold starts
+  under way (a cutover's green may exceed them by itself while it starts). A start that
+  does not fit evicts the least recently used idle runner; a runner is never chosen
+  while requests wait for it, nor within ``min_residency`` of becoming ready, so that an
+  over-committed pool serves between starts instead of thrashing.
+- The rest lives beside it: cold starts (``starter``), the helper processes
+  (``supervisor``), idle eviction, memory and health (``housekeeping``), cutovers
+  (``watcher``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
-from collections.abc import Coroutine, Iterable
-from pathlib import Path
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from typing import Any
 
-import aiohttp
-
-from .endpoint import BUILDING_ENV, COLD, FAILED, READY, STARTING, STOPPING, Endpoint, backoff
-from .environment import build_environment, default_cache_dir, download_model
-from .errors import PoolBusy, ResolveError, RunnerError, RunnerStartError, StartBackoff
+from .endpoint import Endpoint, State
+from .errors import HelperUnavailable, PoolBusy, ResolveError
 from .events import PoolEvents
-from .forked import ForkedProcess, Zygote
-from .launch import (
-    effective_launcher,
-    find_leftovers,
-    kill_group,
-    model_env_vars,
-    runner_env,
-    spawn,
-)
-from .memory import group_memory
+from .forked import Zygote
+from .housekeeping import Housekeeping
+from .launch import Fork, LaunchSpec, RunnerProcess, effective_launcher, runner_env
 from .ports import PortAllocator
-from .registry import RegistryClient, Resolved
+from .process import find_leftovers, kill_group
+from .registry import RegistryClient, Resolved, needs_registry
 from .runner import Runner
 from .spec import EndpointSpec, PoolSpec
+from .starter import RunnerStarter
+from .supervisor import Supervisor
 from .watchdog import Watchdog
 
 log = logging.getLogger("model_gateway.pool")
 
 DEFAULT_RUNNER_BYTES = 300 * 2**20  # expected size of a runner never measured yet
-HEALTH_TIMEOUT = 5.0  # an idle runner whose /ping takes longer than this is hung
-HEALTH_STRIKES = 2  # consecutive failed pings before a runner is killed
+HELPER_TIMEOUT = 120.0  # how long a start waits for the zygote or the resolver
 
 
 class RunnerPool:
-    """The only owner of runner processes.
-
-    Requests call :meth:`acquire` / :meth:`release`; a request is bound to the runner
-    :meth:`acquire` returns, so swapping ``endpoint.runner`` (a cutover) moves only new
-    requests. ``max_runners`` and ``memory_limit`` count live and starting runners; a
-    cutover's green runner may exceed them by itself while it starts.
-    """
-
     def __init__(self, spec: PoolSpec, endpoints: Iterable[EndpointSpec], owner: str,
-                 events: PoolEvents | None = None) -> None:
+                 events: PoolEvents | None = None, *, fork: Fork | None = None) -> None:
+        """``fork``: where the fork launcher's processes come from (default: the zygote)."""
         self.spec = spec
         self.owner = owner
         self.events = events or PoolEvents()
         self.endpoints: dict[tuple[str, str], Endpoint] = {e.key: Endpoint(e) for e in endpoints}
         self.env = runner_env(spec, owner)
+        self.supervisor = Supervisor()
         self.registry = RegistryClient(self.env)
+        self.zygote = Zygote(self.env)
         self.watchdog = Watchdog(self.env)
         self.ports = PortAllocator()
+        self._fork = fork
+        self.starter = RunnerStarter(self)
+        self.housekeeping = Housekeeping(self)
         self.runners: set[Runner] = set()  # every runner whose process may be alive
         self._reserved: list[int] = []  # expected bytes of cold starts not launched yet
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._zygote: asyncio.Task[Zygote] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         for pgid in find_leftovers(self.owner):
             log.warning("stopping leftover process group %s of an earlier gateway", pgid)
             kill_group(pgid, signal.SIGKILL)
-        await self.watchdog.start()
-        self.spawn(self.registry.start(), "registry-start")
-        self.spawn(self._housekeeping(), "housekeeping")
-        if any(effective_launcher(ep.spec) == "fork" for ep in self.endpoints.values()):
-            self._start_zygote()  # import MLflow once, now, not on the first cold request
+        # Before any runner: the watchdog must hold every group.
+        await self.supervisor.running(self.watchdog, HELPER_TIMEOUT)
+        self._supervise_helpers()
+        self.spawn(self.housekeeping.run(), "housekeeping")
         for ep in self.endpoints.values():
             if ep.spec.preload:
-                self.spawn(self._preload(ep), f"preload-{ep.spec.label}")
+                self.spawn(self._preload(ep), f"preload-{ep.label}")
 
-    def _start_zygote(self) -> asyncio.Task[Zygote]:
-        task = self._zygote
-        if task is None or (task.done() and (task.cancelled() or task.exception() is not None
-                                             or not task.result().is_alive)):
-            async def start() -> Zygote:
-                zygote = Zygote(self.env)
-                await zygote.start()
-                return zygote
-            task = self._zygote = asyncio.create_task(start(), name="zygote-start")
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen, not lost
-        return task
-
-    async def _fork(self, argv: list[str], env: dict[str, str]) -> ForkedProcess:
-        """The fork launcher: the zygote (started again if it died) forks the runner."""
-        zygote = await asyncio.shield(self._start_zygote())
-        return await zygote.spawn(argv, env)
+    def _supervise_helpers(self) -> None:
+        """Start the helpers the declared endpoints need now, not on the first request:
+        the zygote imports MLflow once for every forked runner, the resolver answers the
+        registry."""
+        specs = [ep.spec for ep in self.endpoints.values()]
+        if self._fork is None and any(effective_launcher(s) == "fork" for s in specs):
+            self.supervisor.supervise(self.zygote)
+        if any(needs_registry(s.model_uri) for s in specs):
+            self.supervisor.supervise(self.registry)
 
     async def close(self) -> None:
-        """Stop every runner (SIGTERM, then SIGKILL of its group), the resolver, the watchdog."""
+        """Stop every runner (SIGTERM, then SIGKILL of its group), then the helpers."""
         runners = list(self.runners)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for ep in self.endpoints.values():
+            if ep.start_task is not None:
+                ep.start_task.cancel()
+        runners += [r for r in self.runners if r not in runners]  # started meanwhile
         await asyncio.gather(*(r.stop(grace=10) for r in runners), return_exceptions=True)
         for runner in runners:
             if runner.pid:
                 self.watchdog.unwatch(runner.pid)
-        for ep in self.endpoints.values():
-            ep.runner, ep.pending, ep.state = None, None, COLD
-        await self._close_zygote()
-        await self.registry.close()
-        await self.watchdog.close()
-
-    async def _close_zygote(self) -> None:
-        task, self._zygote = self._zygote, None
-        if task is None:
-            return
-        task.cancel()
-        try:
-            zygote = await task
-        except (asyncio.CancelledError, RunnerError):
-            return
-        await zygote.close()
+        await self.supervisor.close()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """A background task the pool keeps a reference to and cancels on close."""
@@ -131,44 +114,99 @@ class RunnerPool:
 
     async def _preload(self, ep: Endpoint) -> None:
         try:
-            await self._ensure_runner(ep)
-        except RunnerError as exc:
-            log.error("preloading %s failed: %s", ep.spec.label, exc)
+            await self.warm(ep)
+        except Exception as exc:  # noqa: BLE001 - logged; status and /readyz show it
+            log.error("preloading %s failed: %s", ep.label, exc)
 
     def not_ready(self) -> list[str]:
-        """Preloaded endpoints without a ready runner, as ``label: state``."""
-        return [f"{ep.spec.label}: {ep.state}" for ep in self.endpoints.values()
-                if ep.spec.preload and ep.state != READY]
+        """What keeps the gateway from being ready: helper processes still starting, and
+        preloaded endpoints without a ready runner, as ``what: state``."""
+        return [*self.supervisor.waiting(),
+                *(f"{ep.label}: {ep.state.value}" for ep in self.endpoints.values()
+                  if ep.spec.preload and ep.state is not State.READY)]
 
     @property
     def memory(self) -> int:
         return sum(r.memory for r in self.runners)
 
+    # -- what starts need (RunnerStarter's host) ------------------------------------------
+    async def resolve(self, uri: str, *, example: bool = False) -> Resolved:
+        if needs_registry(uri) or example:
+            try:
+                await self.supervisor.running(self.registry, HELPER_TIMEOUT)
+            except HelperUnavailable as exc:
+                raise ResolveError(str(exc)) from exc
+        return await self.registry.resolve(uri, example=example)
+
+    async def fork(self, spec: LaunchSpec) -> RunnerProcess:
+        """The fork launcher: the zygote (restarted by the supervisor if it died) forks."""
+        if self._fork is not None:
+            return await self._fork(spec)
+        zygote = await self.supervisor.running(self.zygote, HELPER_TIMEOUT)
+        return await zygote.fork(spec)
+
+    def adopt(self, ep: Endpoint, runner: Runner) -> None:
+        """``runner`` is the pool's from now on: counted, and reaped when it exits."""
+        self.runners.add(runner)
+        self.spawn(self._reap(ep, runner), f"reap-{runner.port}")
+
+    async def _reap(self, ep: Endpoint, runner: Runner) -> None:
+        """Wait for a runner's exit: forget it, and fail its endpoint if it crashed. (At
+        close this is cancelled; close() stops every runner itself.)"""
+        await runner.exited.wait()
+        self.runners.discard(runner)
+        self.ports.release(runner.port)
+        self._notify_slot()
+        ep.last_output = runner.tail()
+        self.notice_exit(ep, runner)
+        await runner.stop(grace=1)  # closes its client, kills any stragglers
+        if runner.pid:
+            self.watchdog.unwatch(runner.pid)
+
+    def notice_exit(self, ep: Endpoint, runner: Runner) -> None:
+        """``runner`` exited: if it was serving ``ep`` (not being stopped), ``ep`` lost it
+        and the next request starts another. Also called by a request that finds the exit
+        before the reaper does."""
+        if ep.runner is runner and runner.exited.is_set() and not runner.stopping:
+            reason = runner.kill_reason or f"runner exited with code {runner.returncode}"
+            ep.runner_lost(runner, runner.failure(reason))
+            self.events.restart(ep)
+            log.error("endpoint %s: runner pid %s: %s", ep.label, runner.pid, reason)
+
     # -- requests -------------------------------------------------------------------------
     async def acquire(self, ep: Endpoint) -> Runner:
-        """The runner to send one request to, started if needed; release() it afterwards."""
+        """A serving runner for one request, bound to it (started if needed); release() it
+        afterwards."""
         if ep.slots is not None:
             try:
                 await asyncio.wait_for(ep.slots.acquire(), self.spec.queue_timeout)
             except TimeoutError as exc:
                 raise PoolBusy(f"{ep.spec.max_concurrency} requests already in flight for "
-                               f"{ep.spec.label}", retry_after=1) from exc
+                               f"{ep.label}", retry_after=1) from exc
+        ep.waiters += 1  # from here until bound, its runner is not evicted
         try:
-            runner = ep.runner
-            if runner is None or not runner.is_alive or runner.stopping:
-                runner = await self._ensure_runner(ep)
-            runner.bind()
-            return runner
+            while True:
+                runner = ep.runner
+                if runner is not None and not runner.serving:
+                    self.notice_exit(ep, runner)
+                    runner = None
+                if runner is None:
+                    runner = await self.starter.ensure(ep)
+                if runner.serving:
+                    runner.bind()
+                    return runner
         except BaseException:
             if ep.slots is not None:
                 ep.slots.release()
             raise
+        finally:
+            ep.waiters -= 1
 
     def acquire_now(self, ep: Endpoint) -> Runner | None:
         """``acquire`` when it would not wait: the endpoint's serving runner, bound, if no
         start or ``max_concurrency`` queue is in the way; else None (use ``acquire``)."""
         runner = ep.runner
-        if ep.slots is not None or runner is None or not runner.is_alive or runner.stopping:
+        if ep.slots is not None or runner is None or not runner.serving:
             return None
         runner.bind()
         return runner
@@ -181,145 +219,13 @@ class RunnerPool:
             self._notify_slot()
 
     async def warm(self, ep: Endpoint) -> Runner:
-        """Start ``ep``'s runner now if it is cold (an operator warming it up)."""
+        """Start ``ep``'s runner now if it is cold (an operator warming it up, preload)."""
         runner = ep.runner
-        if runner is not None and runner.is_alive and not runner.stopping:
+        if runner is not None and runner.serving:
             return runner
-        return await self._ensure_runner(ep)
-
-    async def _ensure_runner(self, ep: Endpoint) -> Runner:
-        if ep.start_task is None:
-            wait = ep.retry_at - time.monotonic()
-            if ep.state == FAILED and wait > 0:
-                raise StartBackoff(ep.last_error or "start failed", retry_after=wait)
-            ep.start_task = asyncio.create_task(self._cold_start(ep), name=f"start-{ep.spec.label}")
-        try:
-            return await asyncio.wait_for(asyncio.shield(ep.start_task), ep.spec.startup_timeout)
-        except TimeoutError as exc:
-            raise RunnerStartError(f"{ep.spec.label} not ready within startup_timeout "
-                                   f"({ep.spec.startup_timeout:.0f}s)", retry_after=5) from exc
-
-    async def _cold_start(self, ep: Endpoint) -> Runner:
-        ep.state = STARTING
-        began = time.monotonic()
-        try:
-            try:
-                resolved = await self.registry.resolve(ep.spec.model_uri)
-            except ResolveError as exc:
-                raise RunnerStartError(f"cannot resolve {ep.spec.model_uri}: {exc}") from exc
-            expected = await self._reserve_slot(ep)
-            try:
-                runner = await self.launch(ep, resolved)
-            finally:
-                self._reserved.remove(expected)
-            ep.runner, ep.version, ep.state = runner, resolved.version, READY
-            ep.last_error, ep.failed_version, ep.start_failures = None, None, 0
-            self.events.cold_start(ep, time.monotonic() - began, True)
-            return runner
-        except PoolBusy:  # the pool is full, not the endpoint's fault: no backoff
-            ep.state = COLD
-            raise
-        except RunnerError as exc:
-            ep.state, ep.last_error = FAILED, str(exc)
-            ep.start_failures += 1
-            wait = backoff(ep.start_failures)
-            ep.retry_at = time.monotonic() + wait
-            if isinstance(exc, RunnerStartError):
-                exc.retry_after = wait
-            self.events.cold_start(ep, time.monotonic() - began, False)
-            log.error("endpoint %s failed to start (retry in %.0fs): %s", ep.spec.label, wait, exc)
-            raise
-        except asyncio.CancelledError:
-            ep.state = COLD
-            raise
-        finally:
-            ep.start_task = None
-
-    async def _prepare_env(self, ep: Endpoint, resolved: Resolved, deadline: float, *,
-                           pending: bool) -> tuple[Path, Path]:
-        """Download the model and build (or reuse) its environment: (python, model dir).
-
-        Counts toward startup_timeout; shown as ``building_env`` (``pending_state`` during
-        a cutover, while blue keeps serving)."""
-        def mark(state: str) -> None:
-            if pending:
-                ep.pending_state = state
-            elif ep.state in (STARTING, BUILDING_ENV):
-                ep.state = state
-
-        cache = Path(self.spec.env_cache_dir) if self.spec.env_cache_dir else default_cache_dir()
-        extra = {"endpoint": ep.spec.label, "version": resolved.version}
-        mark(BUILDING_ENV)
-        model_dir = await download_model(resolved.uri, cache / "models", env=self.env,
-                                         timeout=max(0.0, deadline - time.monotonic()))
-        python = await build_environment(
-            model_dir, ep.spec.env_manager, cache, env=self.env,
-            timeout=max(0.0, deadline - time.monotonic()),
-            on_output=lambda line: log.debug(line, extra=extra))
-        mark(STARTING)
-        return python, model_dir
-
-    async def launch(self, ep: Endpoint, resolved: Resolved, *, pending: bool = False) -> Runner:
-        """Start a runner for ``resolved`` and wait until it answers /ping."""
-        deadline = time.monotonic() + ep.spec.startup_timeout
-        launcher = effective_launcher(ep.spec)
-        python: Path | None = None
-        model_dir: Path | None = None
-        env = self.env
-        if launcher == "env":
-            python, model_dir = await self._prepare_env(ep, resolved, deadline, pending=pending)
-            env = model_env_vars(self.env, python)
-        for attempt in (1, 2):
-            spawner = self._fork if launcher == "fork" else spawn
-            runner = Runner(ep.spec, resolved.uri, resolved.version, self.ports.acquire(),
-                            env, spawner, python=python,
-                            model_path=str(model_dir) if model_dir else None)
-            self.runners.add(runner)
-            if pending:
-                ep.pending = runner
-            self.spawn(self._supervise(ep, runner), f"supervise-{runner.port}")
-            try:
-                await runner.start()
-                if runner.pid:
-                    self.watchdog.watch(runner.pid)
-                await runner.wait_ready(max(1.0, deadline - time.monotonic()))
-            except RunnerStartError as exc:
-                await runner.stop(grace=2)
-                # Another process took the port between our check and the runner's bind.
-                if attempt == 1 and "address already in use" in str(exc).lower():
-                    log.warning("port %s was taken; retrying on another", runner.port)
-                    continue
-                raise
-            except BaseException:
-                await runner.stop(grace=2)
-                raise
-            log.info("endpoint %s version %s ready on port %s in %.1fs", ep.spec.label,
-                     resolved.version or "-", runner.port, time.time() - (runner.started_at or 0))
-            return runner
-        raise AssertionError("unreachable")
-
-    async def _supervise(self, ep: Endpoint, runner: Runner) -> None:
-        """Reap a runner's exit: forget it, and mark its endpoint failed if it crashed."""
-        try:
-            await runner.exited.wait()
-        finally:
-            self.runners.discard(runner)
-            self.ports.release(runner.port)
-            self._notify_slot()
-        ep.last_output = runner.tail()
-        if ep.runner is runner:
-            ep.runner = None
-            if runner.stopping:
-                ep.state = COLD
-            else:
-                reason = runner.kill_reason or f"runner exited with code {runner.returncode}"
-                ep.state, ep.retry_at = FAILED, time.monotonic()
-                ep.last_error = runner.failure(reason)
-                self.events.restart(ep)
-                log.error("endpoint %s: runner pid %s: %s", ep.spec.label, runner.pid, reason)
-        await runner.stop(grace=1)  # close its connection pool, kill any stragglers
-        if runner.pid:
-            self.watchdog.unwatch(runner.pid)
+        if runner is not None:
+            self.notice_exit(ep, runner)
+        return await self.starter.ensure(ep)
 
     # -- capacity -------------------------------------------------------------------------
     def _notify_slot(self) -> None:
@@ -342,44 +248,65 @@ class RunnerPool:
             return "memory"
         return None
 
-    def _lru_idle(self) -> Runner | None:
-        idle = [r for ep in self.endpoints.values() if (r := ep.runner) is not None
-                and not ep.spec.pinned and r.in_flight == 0 and not r.stopping
-                and ep.pending is None]
-        return min(idle, key=lambda r: r.last_used, default=None)
+    def evictable(self, ep: Endpoint) -> bool:
+        """Whether ``ep``'s runner may be stopped to free its slot: idle, no request
+        waiting for it, no cutover beside it, not pinned."""
+        runner = ep.runner
+        return (runner is not None and ep.state is State.READY and not ep.spec.pinned
+                and runner.in_flight == 0 and ep.waiters == 0 and ep.cutover is None
+                and not runner.stopping)
 
-    async def _reserve_slot(self, ep: Endpoint) -> int:
+    def _victim(self, now: float) -> tuple[Runner | None, float]:
+        """The least recently used runner that may be evicted for a start, and else how
+        long until one leaves its minimum residency (inf: none will)."""
+        candidates = [ep.runner for ep in self.endpoints.values() if self.evictable(ep)]
+        settled = [r for r in candidates if r is not None
+                   and now - (r.ready_at or now) >= self.spec.min_residency]
+        if settled:
+            return min(settled, key=lambda r: r.last_used), 0.0
+        waits = [self.spec.min_residency - (now - (r.ready_at or now))
+                 for r in candidates if r is not None]
+        return None, min(waits, default=float("inf"))
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, ep: Endpoint) -> AsyncIterator[None]:
+        """Hold room for one more runner while ``ep``'s cold start launches it, evicting
+        idle runners as needed; PoolBusy after ``queue_timeout``."""
         expected = self._expected_bytes(ep)
         deadline = time.monotonic() + self.spec.queue_timeout
         while (reason := self._over(expected)) is not None:
-            victim = self._lru_idle()
+            now = time.monotonic()
+            victim, settles_in = self._victim(now)
             if victim is not None:
                 await self.evict(victim, reason=reason)
                 continue
-            freed = self._slot_freed
-            remaining = deadline - time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 what = (f"all {self.spec.max_runners} runners are busy" if reason == "capacity"
                         else "the pool's memory_limit is taken by busy runners")
                 raise PoolBusy(what, retry_after=2)
+            freed = self._slot_freed
             try:
-                await asyncio.wait_for(freed.wait(), remaining)
+                await asyncio.wait_for(freed.wait(), min(remaining, settles_in))
             except TimeoutError:
                 pass
         self._reserved.append(expected)
-        return expected
+        try:
+            yield
+        finally:
+            self._reserved.remove(expected)
 
     async def evict(self, runner: Runner, *, reason: str) -> None:
         """Detach an idle runner from its endpoint (which goes cold) and stop it."""
         for ep in self.endpoints.values():
             if ep.runner is runner:
-                ep.runner, ep.state = None, COLD
+                ep.evicted()
                 self.events.eviction(ep, reason)
-                log.info("evicting %s version %s (%s)", ep.spec.label, runner.version or "-",
+                log.info("evicting %s version %s (%s)", ep.label, runner.version or "-",
                          reason)
         await runner.stop(grace=5)
-        # Forget it now, not when its supervisor next runs: the caller counts runners
-        # right after this returns and would otherwise evict a second one.
+        # Forget it now, not when its reaper next runs: the caller counts runners right
+        # after this returns and would otherwise evict a second one.
         self.runners.discard(runner)
 
     async def drain(self, runner: Runner, timeout: float) -> None:
@@ -392,9 +319,11 @@ class RunnerPool:
                         runner.pid, runner.in_flight)
         await runner.stop(grace=10)
 
+    # -- declared endpoints ---------------------------------------------------------------
     def add_endpoint(self, spec: EndpointSpec) -> Endpoint:
         ep = Endpoint(spec)
         self.endpoints[spec.key] = ep
+        self._supervise_helpers()
         if spec.preload:
             self.spawn(self._preload(ep), f"preload-{spec.label}")
         return ep
@@ -408,63 +337,14 @@ class RunnerPool:
             await self.stop_endpoint(ep)
 
     async def stop_endpoint(self, ep: Endpoint) -> None:
-        """Take an endpoint's runner out of service, drained; the endpoint goes cold."""
-        runner = ep.runner
-        if runner is not None:
-            ep.runner, ep.state = None, STOPPING
+        """Take an endpoint's runner out of service, drained; the endpoint goes cold. A
+        cutover in progress is cancelled (its green runner stopped)."""
+        if ep.refresh_task is not None and ep.cutover is not None:
+            ep.refresh_task.cancel()
+            await asyncio.gather(ep.refresh_task, return_exceptions=True)
+        if ep.state is State.FAILED:
+            ep.reset()
+        if ep.state is State.READY:
+            runner = ep.begin_stop()
             await self.drain(runner, ep.spec.drain_timeout)
-            if ep.state == STOPPING:
-                ep.state = COLD
-
-    # -- housekeeping ---------------------------------------------------------------------
-    async def _housekeeping(self) -> None:
-        """Once a second: idle eviction; every few seconds: memory and health of runners."""
-        tick = 0
-        while True:
-            await asyncio.sleep(1)
-            tick += 1
-            self._evict_idle()
-            if tick % 2 == 0:
-                await self._measure()
-            if tick % max(1, int(self.spec.health_interval)) == 0:
-                await self._check_health()
-
-    def _evict_idle(self) -> None:
-        if self.spec.idle_timeout <= 0:
-            return
-        now = time.monotonic()
-        for ep in self.endpoints.values():
-            r = ep.runner
-            if (r is not None and not ep.spec.pinned and r.in_flight == 0 and not r.stopping
-                    and ep.pending is None and now - r.last_used >= self.spec.idle_timeout):
-                self.spawn(self.evict(r, reason="idle"), f"evict-{r.port}")
-
-    async def _measure(self) -> None:
-        runners = [r for r in self.runners if r.pid and r.is_alive]
-        sizes = await asyncio.to_thread(lambda: [group_memory(r.pid or 0) for r in runners])
-        for runner, size in zip(runners, sizes, strict=True):
-            runner.memory = size
-        for ep in self.endpoints.values():
-            if ep.runner is not None and ep.runner.memory:
-                ep.last_memory = ep.runner.memory
-
-    async def _check_health(self) -> None:
-        """Ping idle ready runners; one that stops answering is killed and replaced."""
-        for ep in list(self.endpoints.values()):
-            runner = ep.runner
-            if runner is None or runner.in_flight or runner.stopping or runner.session is None:
-                continue
-            try:
-                async with runner.session.get(
-                        f"{runner.base_url}/ping",
-                        timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT)) as resp:
-                    healthy = resp.status == 200
-            except (aiohttp.ClientError, TimeoutError):
-                healthy = runner.in_flight > 0  # busy meanwhile: not evidence of a hang
-            runner.health_strikes = 0 if healthy else runner.health_strikes + 1
-            if runner.health_strikes >= HEALTH_STRIKES and runner is ep.runner:
-                log.error("endpoint %s: runner pid %s did not answer /ping within %.0fs "
-                          "%d times; killing it", ep.spec.label, runner.pid, HEALTH_TIMEOUT,
-                          HEALTH_STRIKES)
-                runner.kill(reason=f"runner hung: /ping did not answer within "
-                                   f"{HEALTH_TIMEOUT:.0f}s")
+            ep.stopped()

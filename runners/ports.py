@@ -19,7 +19,7 @@ class PortAllocator:
         for _ in range(100):
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
+                port: int = sock.getsockname()[1]
             if port not in self._held:
                 self._held.add(port)
                 return port

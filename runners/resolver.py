@@ -40,7 +40,9 @@ def resolve(uri: str, with_example: bool) -> dict[str, Any]:
     target = ModelTarget.parse(uri)
     client = MlflowClient()
     version: str | None = None
-    if target.alias is not None:
+    if target.name is None:  # a path or a storage URI: nothing to ask the registry
+        pass
+    elif target.alias is not None:
         version = str(client.get_model_version_by_alias(target.name, target.alias).version)
     elif target.stage is not None:
         stages = None if target.stage == "latest" else [target.stage]

@@ -1,58 +1,52 @@
-"""One runner: an MLflow scoring-server process on a loopback port."""
+"""One runner: an MLflow scoring-server process, its output, and its one HTTP client."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
+import re
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
-import aiohttp
-
-from .errors import RunnerStartError
-from .launch import kill_group, output_lines, runner_argv, runner_socket, spawn
+from .client import RunnerClient
+from .errors import RunnerStartError, TransportError
+from .launch import Fork, LaunchSpec, RunnerProcess, start_process
+from .process import kill_group, output_lines
 from .spec import EndpointSpec
 
 log = logging.getLogger("model_gateway.runner")
 
-# Starts argv with env and returns the process: ``launch.spawn``, or a zygote's fork.
-Spawner = Callable[[list[str], dict[str, str]], Awaitable[Any]]
-
 OUTPUT_LINES = 50
+TAIL_LINES = 20  # output lines a failure message carries
+# A traceback's last line: `ModuleNotFoundError: No module named 'x'`, `mlflow.…Exception: …`
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception)(?::\s.*)?$")
 
 
 class Runner:
-    """Owns one process group and one keep-alive HTTP connection pool to it.
+    """Owns one process group and the keep-alive HTTP client to it.
 
     ``in_flight`` counts requests bound to this runner; ``drained`` is set whenever it is 0,
     so a cutover or an eviction can wait for the last one without polling.
     """
 
-    def __init__(self, spec: EndpointSpec, model_uri: str, version: str | None,
-                 port: int, env: dict[str, str], spawner: Spawner = spawn, *,
-                 python: Path | None = None, model_path: str | None = None) -> None:
-        self.spec = spec
-        self.model_uri = model_uri  # what status shows; model_path is what it loads
-        self.python = python  # a built environment's python, or None for the gateway's
-        self.model_path = model_path or model_uri
-        self.version = version
-        self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
-        # The gateway's faster way in, when the runner has one (see launch.runner_socket).
-        self.socket = runner_socket(spec, port)
-        self._env = env
-        self._spawner = spawner
-        self._proc: Any = None  # asyncio.subprocess.Process or forked.ForkedProcess
-        self._reader: asyncio.Task[None] | None = None
-        self._watcher: asyncio.Task[None] | None = None
+    def __init__(self, spec: EndpointSpec, launch: LaunchSpec, fork: Fork, *,
+                 model_uri: str) -> None:
+        self.spec = spec  # the endpoint's spec it was started from
+        self.launch = launch
+        self.model_uri = model_uri  # the pinned URI status shows; launch says what it loads
+        self.version = launch.version
+        self.port = launch.port
+        self.socket = launch.socket
+        self.client = RunnerClient("127.0.0.1", launch.port, unix=launch.socket)
+        self._fork = fork
+        self._proc: RunnerProcess | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
+        self.causes: collections.deque[str] = collections.deque(maxlen=4)  # exception lines
         self.started_at: float | None = None
-        self.ready_at: float | None = None
-        self.last_used = time.monotonic()
+        self.ready_at: float | None = None  # monotonic
+        self.last_used = time.monotonic()  # reset when ready: used from when it serves
         self.in_flight = 0
         self.drained = asyncio.Event()
         self.drained.set()
@@ -61,7 +55,6 @@ class Runner:
         self.kill_reason: str | None = None  # why the pool killed it, when it did
         self.memory = 0  # bytes (PSS) of its process group, measured every few seconds
         self.health_strikes = 0
-        self.session: aiohttp.ClientSession | None = None
 
     # -- identity -------------------------------------------------------------------------
     @property
@@ -75,6 +68,11 @@ class Runner:
     @property
     def is_alive(self) -> bool:
         return self._proc is not None and not self.exited.is_set()
+
+    @property
+    def serving(self) -> bool:
+        """Alive, ready and not being stopped: a request may be sent to it."""
+        return self.ready_at is not None and not self.stopping and not self.exited.is_set()
 
     def describe(self) -> dict[str, object]:
         return {"pid": self.pid, "port": self.port,
@@ -101,31 +99,27 @@ class Runner:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        argv = runner_argv(self.spec, self.model_path, self.port, self.python, self.socket)
-        self._proc = await self._spawner(argv, self._env)
+        self._proc = await start_process(self.launch, self._fork)
         self.started_at = time.time()
-        self._reader = asyncio.create_task(self._read_output(), name=f"runner-output-{self.pid}")
-        self._watcher = asyncio.create_task(self._watch_exit(), name=f"runner-exit-{self.pid}")
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=None)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                             skip_auto_headers=("User-Agent",))
-        log.info("runner started", extra={"endpoint": self.spec.label, "version": self.version,
-                                          "pid": self.pid, "port": self.port})
+        self._tasks = [
+            asyncio.create_task(self._read_output(), name=f"runner-output-{self.pid}"),
+            asyncio.create_task(self._watch_exit(), name=f"runner-exit-{self.pid}")]
+        log.info("runner started", extra={"endpoint": self.launch.label,
+                                          "version": self.version, "pid": self.pid,
+                                          "port": self.port})
 
     async def wait_ready(self, timeout: float) -> None:
-        """Poll /ping until 200; fail early when the process exits."""
-        assert self.session is not None
+        """Ask /ping until it answers 200; fail early when the process exits."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.exited.is_set():
                 raise RunnerStartError(self.failure(f"runner exited with code {self.returncode}"))
             try:
-                async with self.session.get(f"{self.base_url}/ping",
-                                            timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    if resp.status == 200:
-                        self.ready_at = time.monotonic()
-                        return
-            except (TimeoutError, aiohttp.ClientError):
+                status, _ = await self.client.request("GET", "/ping", timeout=2)
+                if status == 200:
+                    self.ready_at = self.last_used = time.monotonic()
+                    return
+            except TransportError:
                 pass
             try:
                 await asyncio.wait_for(self.exited.wait(), 0.1)
@@ -134,21 +128,35 @@ class Runner:
         raise RunnerStartError(self.failure(f"runner not ready after {timeout:.0f}s"))
 
     def failure(self, reason: str) -> str:
-        """``reason`` with the runner's last output lines, for status and error answers."""
-        lines = "\n".join(self.tail(20))
+        """``reason``, what caused it when the output names an exception, and the last
+        output lines, for status and error answers. The first exception of a traceback is
+        its cause; wrappers (`mlflow models serve`'s own traceback) come after it."""
+        tail = self.tail(TAIL_LINES)
+        cause = next((line for line in self.causes if line not in tail), None)
+        if cause is not None:
+            reason = f"{reason} ({cause})"
+        lines = "\n".join(tail)
         return f"{reason}; last output:\n{lines}" if lines else reason
 
     async def _read_output(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
-        extra = {"endpoint": self.spec.label, "version": self.version, "pid": self._proc.pid}
+        extra = {"endpoint": self.launch.label, "version": self.version, "pid": self._proc.pid}
         async for line in output_lines(self._proc.stdout):
-            self.output.append(line)
+            self.keep_output(line)
             log.info(line, extra=extra)
+
+    def keep_output(self, line: str) -> None:
+        """One line of the runner's output: kept for status, and as a cause when it is the
+        last line of a traceback (the first few: later ones are wrappers)."""
+        self.output.append(line)
+        if _EXCEPTION.match(line) and len(self.causes) < (self.causes.maxlen or 0):
+            self.causes.append(line)
 
     async def _watch_exit(self) -> None:
         assert self._proc is not None
         await self._proc.wait()
         self.exited.set()
+        self.client.close()
 
     async def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the process group, wait up to ``grace``, then SIGKILL and reap."""
@@ -163,7 +171,8 @@ class Runner:
         if self._proc is not None:
             # The leader is gone; make sure nothing else in its group outlives it.
             kill_group(self._proc.pid, signal.SIGKILL)
-        await self._close_session()
+        self.client.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def kill(self, reason: str | None = None) -> None:
         """SIGKILL the group now. With a reason, the exit counts as a failure, not a stop."""
@@ -172,7 +181,3 @@ class Runner:
         self.kill_reason = reason
         if self._proc is not None:
             kill_group(self._proc.pid, signal.SIGKILL)
-
-    async def _close_session(self) -> None:
-        if self.session is not None and not self.session.closed:
-            await self.session.close()

@@ -1,44 +1,83 @@
-"""The ``direct`` launcher's runner: one process serving MLflow's own scoring app.
+"""A runner: one process serving MLflow's own scoring app for one model.
 
-``python -m runners.serve --model-uri URI --port P`` downloads the model once, loads it
-and serves ``mlflow.pyfunc.scoring_server`` with uvicorn: the same routes and error
-answers as ``mlflow models serve``, without the CLI process that stays alive beside it.
+``run(ServeOptions(...))`` downloads the model once, loads it and serves
+``mlflow.pyfunc.scoring_server`` with uvicorn: the same routes and error answers as
+``mlflow models serve``, without the CLI process that stays alive beside it. A forked
+runner calls :func:`run` directly (``runners.zygote``); the ``direct`` launcher and
+built environments run ``python -m runners.serve`` / ``python serve.py`` with the same
+options on the command line (:func:`main`).
+
+This module imports nothing from the gateway's packages: a built model environment runs
+it by path, with only MLflow installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import socket
 import sys
+from dataclasses import dataclass, fields
+
+PR_SET_NAME = 15
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runners.serve")
-    parser.add_argument("--model-uri", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--timeout", type=int, default=60)
-    parser.add_argument("--abstract-socket", help="also serve on this abstract unix socket "
-                                                  "(Linux; one worker only)")
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class ServeOptions:
+    model_uri: str
+    port: int
+    host: str = "127.0.0.1"
+    workers: int = 1
+    timeout: int = 60  # MLflow's own request timeout, seconds
+    abstract_socket: str | None = None  # also serve on this abstract unix socket (Linux)
+    title: str | None = None  # the process title ps shows
 
+    def argv(self) -> list[str]:
+        """These options as :func:`main` reads them."""
+        out: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out += [f"--{f.name.replace('_', '-')}", str(value)]
+        return out
+
+
+def set_title(title: str) -> None:
+    """Name this process for ps and top: the whole command line where setproctitle is
+    installed (the gateway's environment), else the 15-character kernel name.
+
+    The title takes the place of the original command line only (SPT_NOENV): the
+    environment stays readable in /proc, where a restarted gateway finds the runners of
+    the one before it by their owner mark."""
+    os.environ["SPT_NOENV"] = "1"
+    try:
+        import setproctitle
+    except ImportError:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(title.encode()[:15]), 0, 0, 0)
+        return
+    setproctitle.setproctitle(title)
+
+
+def run(options: ServeOptions) -> int:
+    if options.title:
+        set_title(options.title)
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
-    os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(args.timeout)
+    os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(options.timeout)
     import mlflow.artifacts
 
-    local_path = mlflow.artifacts.download_artifacts(args.model_uri)
-    if args.workers > 1:
+    local_path = mlflow.artifacts.download_artifacts(options.model_uri)
+    if options.workers > 1:
         # Several workers need an import string; MLflow's app module reads the model path
         # from this variable, exactly as `mlflow models serve` arranges it.
         from mlflow.pyfunc import scoring_server
 
         os.environ[scoring_server._SERVER_MODEL_PATH] = local_path
-        os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "--host", args.host,
-                                  "--port", str(args.port), "--workers", str(args.workers),
-                                  "--no-access-log", "--no-proxy-headers",
+        os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "--host", options.host,
+                                  "--port", str(options.port), "--workers",
+                                  str(options.workers), "--no-access-log", "--no-proxy-headers",
                                   "mlflow.pyfunc.scoring_server.app:app"])
 
     import uvicorn
@@ -47,15 +86,28 @@ def main(argv: list[str] | None = None) -> int:
     app = scoring_server.init(load_model(local_path))
     # Only the gateway calls a runner: X-Forwarded-For means nothing to it, and reading it
     # would cost every request a little.
-    config = uvicorn.Config(app, host=args.host, port=args.port, access_log=False,
+    config = uvicorn.Config(app, host=options.host, port=options.port, access_log=False,
                             proxy_headers=False, log_level="info")
     sockets = [config.bind_socket()]  # as uvicorn.run would, and also the unix socket
-    if args.abstract_socket:
+    if options.abstract_socket:
         unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        unix.bind("\0" + args.abstract_socket)
+        unix.bind("\0" + options.abstract_socket)
         sockets.append(unix)
     uvicorn.Server(config).run(sockets=sockets)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runners.serve")
+    parser.add_argument("--model-uri", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--timeout", type=int, default=60)
+    parser.add_argument("--abstract-socket", help="also serve on this abstract unix socket "
+                                                  "(Linux; one worker only)")
+    parser.add_argument("--title", help="the process title")
+    return run(ServeOptions(**vars(parser.parse_args(argv))))
 
 
 if __name__ == "__main__":

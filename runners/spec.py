@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-LAUNCHERS = ("cli", "direct", "fork")
-ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -40,8 +37,7 @@ class PoolSpec:
     queue_timeout: float = 30.0
     memory_limit: int = 0  # bytes for all runners together; 0 disables the budget
     health_interval: float = 10.0  # seconds between /ping checks of idle runners
+    min_residency: float = 2.0  # a new runner is not evicted for a start before this
     tracking_uri: str | None = None
     registry_uri: str | None = None
-    state_dir: str | None = None
     env_cache_dir: str | None = None  # None: environment.default_cache_dir()
-    extra_env: dict[str, str] = field(default_factory=dict)

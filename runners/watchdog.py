@@ -9,21 +9,22 @@ stdin; when stdin closes (the gateway is gone), it kills every process group it 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
 import time
 
-log = logging.getLogger("model_gateway.watchdog")
-
 
 class Watchdog:
-    """The gateway's end: starts the watchdog process and tells it which groups to hold."""
+    """The gateway's end: starts the watchdog process (a supervised helper) and tells it
+    which groups to hold; a restarted watchdog is told every group held so far."""
+
+    name = "watchdog"
 
     def __init__(self, env: dict[str, str]) -> None:
         self._env = env
         self._proc: asyncio.subprocess.Process | None = None
+        self._groups: set[int] = set()
 
     async def start(self) -> None:
         # Run as a plain script: no package import, a few MB, started in milliseconds.
@@ -32,6 +33,12 @@ class Watchdog:
             sys.executable, "-I", os.path.abspath(__file__), env=self._env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
             start_new_session=True)
+        for pgid in self._groups:
+            self._send(f"+{pgid}\n")
+
+    async def wait(self) -> int | None:
+        assert self._proc is not None
+        return await self._proc.wait()
 
     def _send(self, line: str) -> None:
         if self._proc is not None and self._proc.stdin is not None and \
@@ -39,12 +46,14 @@ class Watchdog:
             try:
                 self._proc.stdin.write(line.encode())
             except (BrokenPipeError, ConnectionResetError, RuntimeError):
-                log.warning("watchdog is gone; runners rely on the parent-death signal")
+                pass  # it is restarted, and then told every group again
 
     def watch(self, pgid: int) -> None:
+        self._groups.add(pgid)
         self._send(f"+{pgid}\n")
 
     def unwatch(self, pgid: int) -> None:
+        self._groups.discard(pgid)
         self._send(f"-{pgid}\n")
 
     async def close(self) -> None:

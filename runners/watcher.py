@@ -1,11 +1,16 @@
 """VersionWatcher: follows aliases and stages, and moves endpoints by blue-green cutover.
 
-1. Green (the new version) starts beside blue on its own port; ready = /ping is 200 and,
-   when the model saved an input example, one warm-up prediction answered 200.
-2. ``endpoint.runner`` is swapped: requests already bound to blue stay there, new ones
-   go to green.
+When to look: every ``poll_interval`` (±10 %) for endpoints that serve or failed, at
+once on a webhook or an admin call. What happens when the target names a new version:
+
+1. Green (the new version) starts beside blue on its own port (a :class:`Cutover`);
+   ready = /ping is 200 and, when the model saved an input example, one warm-up
+   prediction answered 200.
+2. The endpoint switches: requests already bound to blue stay there, new ones go to green.
 3. Blue is drained (its in-flight count reaches 0, or ``drain_timeout``) and stopped.
-If green fails, blue keeps serving and the attempt is retried with backoff.
+
+If green fails, blue keeps serving and the version is tried again after a backoff. A
+failed endpoint (nothing serving) whose target moves is started again at once.
 """
 
 from __future__ import annotations
@@ -15,10 +20,8 @@ import logging
 import random
 import time
 
-import aiohttp
-
-from .endpoint import READY, Endpoint, backoff
-from .errors import ResolveError, RunnerError, RunnerStartError
+from .endpoint import Cutover, Endpoint, Phase, State
+from .errors import ResolveError, RunnerError, RunnerStartError, TransportError
 from .pool import RunnerPool
 from .registry import Resolved
 from .runner import Runner
@@ -30,7 +33,7 @@ JITTER = 0.1  # ±10% of poll_interval, so many endpoints do not poll in lockste
 
 
 class VersionWatcher:
-    """Polls only endpoints with a live runner: a cold endpoint resolves when it starts."""
+    """Polls endpoints that serve (or failed): a cold one resolves when it starts."""
 
     def __init__(self, pool: RunnerPool, *, tick: float = 0.5) -> None:
         self.pool = pool
@@ -47,7 +50,7 @@ class VersionWatcher:
 
     # -- when to look ---------------------------------------------------------------------
     def trigger(self, model_name: str) -> list[Endpoint]:
-        """Re-resolve now every live endpoint following ``model_name`` (a webhook arrived)."""
+        """Re-resolve now every endpoint following ``model_name`` (a webhook arrived)."""
         hits = [ep for ep in self.pool.endpoints.values()
                 if ep.target.follows and ep.target.name == model_name]
         for ep in hits:
@@ -57,7 +60,7 @@ class VersionWatcher:
     def refresh_now(self, ep: Endpoint) -> None:
         """Re-resolve one endpoint now, outside its polling schedule."""
         self._schedule_next(ep)
-        self.pool.spawn(self.refresh(ep, force=True), f"refresh-{ep.spec.label}")
+        self.pool.spawn(self.refresh(ep, force=True), f"refresh-{ep.label}")
 
     def _schedule_next(self, ep: Endpoint) -> None:
         jitter = 1 + random.uniform(-JITTER, JITTER)
@@ -68,13 +71,13 @@ class VersionWatcher:
             await asyncio.sleep(self.tick)
             now = time.monotonic()
             for ep in list(self.pool.endpoints.values()):
-                if not ep.target.follows or ep.runner is None or ep.state != READY:
+                if not ep.target.follows or ep.state not in (State.READY, State.FAILED):
                     ep.next_poll = 0.0
                 elif ep.next_poll == 0.0:  # just became ready: it resolved as it started
                     self._schedule_next(ep)
                 elif now >= ep.next_poll:
                     self._schedule_next(ep)
-                    self.pool.spawn(self.refresh(ep), f"poll-{ep.spec.label}")
+                    self.pool.spawn(self.refresh(ep), f"poll-{ep.label}")
 
     # -- what to do -----------------------------------------------------------------------
     async def refresh(self, ep: Endpoint, *, force: bool = False) -> None:
@@ -83,32 +86,51 @@ class VersionWatcher:
         One refresh per endpoint at a time: a second caller waits for the running one.
         ``force`` skips the backoff after a failed cutover (an operator or webhook asked).
         """
-        if ep.refresh_task is not None and not ep.refresh_task.done():
-            await asyncio.shield(ep.refresh_task)
-            return
-        ep.refresh_task = asyncio.create_task(self._refresh(ep, force), name=f"refresh-{ep.key}")
+        running = ep.refresh_task
+        if running is not None and not running.done():
+            await asyncio.gather(asyncio.shield(running), return_exceptions=True)
+            if not force:
+                return
+            # A forced refresh (a webhook) must look after the alias moved: the running
+            # one may have resolved before. Unless another forced one started meanwhile.
+            newer = ep.refresh_task
+            if newer is not None and newer is not running and not newer.done():
+                await asyncio.shield(newer)
+                return
+        ep.refresh_task = asyncio.create_task(self._refresh(ep, force),
+                                              name=f"refresh-{ep.label}")
         await asyncio.shield(ep.refresh_task)
 
     async def _refresh(self, ep: Endpoint, force: bool) -> None:
-        if not ep.target.follows or ep.runner is None or ep.state != READY:
+        if not ep.target.follows or ep.state not in (State.READY, State.FAILED):
             return
         ep.last_poll = time.time()
         try:
-            resolved = await self.pool.registry.resolve(ep.spec.model_uri, example=True)
+            resolved = await self.pool.resolve(ep.spec.model_uri, example=True)
         except ResolveError as exc:
             ep.poll_failures += 1
             ep.last_poll_error = str(exc)
             self.pool.events.poll_failure(ep)
             log.warning("endpoint %s: registry poll failed; version %s keeps serving: %s",
-                        ep.spec.label, ep.version, exc)
+                        ep.label, ep.version, exc)
             return
         ep.last_poll_error = None
-        if resolved.version == ep.version:
+        if ep.state is State.FAILED:
+            if resolved.version != ep.failed_version:  # moved since: start it at once
+                self.pool.spawn(self._start(ep), f"start-{ep.label}")
+            return
+        if resolved.version == ep.version or ep.runner is None:
             return
         if (not force and resolved.version == ep.failed_version
-                and time.monotonic() < ep.cutover_retry_at):
+                and time.monotonic() < ep.retry_at):
             return
         await self._cutover(ep, resolved)
+
+    async def _start(self, ep: Endpoint) -> None:
+        try:
+            await self.pool.warm(ep)
+        except RunnerError as exc:
+            log.error("endpoint %s: start after its target moved failed: %s", ep.label, exc)
 
     async def replace(self, ep: Endpoint, spec: EndpointSpec) -> None:
         """Adopt a changed spec; a live endpoint moves to a runner started from it, blue-green.
@@ -117,64 +139,68 @@ class VersionWatcher:
         """
         old = ep.spec
         ep.use_spec(spec)
-        if ep.runner is None or ep.state != READY:
+        if ep.runner is None or ep.state is not State.READY:
             return
         try:
-            resolved = await self.pool.registry.resolve(spec.model_uri, example=True)
+            resolved = await self.pool.resolve(spec.model_uri, example=True)
         except ResolveError as exc:
             ep.use_spec(old)
             ep.last_error = f"config change not applied: cannot resolve {spec.model_uri}: {exc}"
             raise RunnerStartError(ep.last_error) from exc
         await self._cutover(ep, resolved)
-        if ep.failed_version is not None or ep.runner is None or ep.runner.spec is not spec:
+        if ep.runner is None or ep.runner.spec is not spec:
             ep.use_spec(old)
             raise RunnerStartError(ep.last_error or "config change not applied")
 
     async def _cutover(self, ep: Endpoint, resolved: Resolved) -> None:
-        blue = ep.runner
-        ep.pending_version = resolved.version
-        log.info("endpoint %s: cutover %s -> %s starting", ep.spec.label, ep.version,
+        cutover = ep.begin_cutover(resolved)
+        log.info("endpoint %s: cutover %s -> %s starting", ep.label, ep.version,
                  resolved.version)
-        began = time.monotonic()
         try:
-            green = await self.pool.launch(ep, resolved, pending=True)
-            if resolved.example:
-                await self._warm_up(green, resolved.example)
+            green = await self._green(ep, cutover)
         except RunnerError as exc:
-            ep.cutover_failures += 1
-            wait = backoff(ep.cutover_failures)
-            ep.failed_version, ep.cutover_retry_at = resolved.version, time.monotonic() + wait
-            ep.last_error = f"cutover to version {resolved.version} failed: {exc}"
+            wait = ep.cutover_failed(cutover, str(exc))
             self.pool.events.cutover(ep, False)
             log.error("endpoint %s: %s (version %s keeps serving; retry in %.0fs)",
-                      ep.spec.label, ep.last_error, ep.version, wait)
+                      ep.label, ep.last_error, ep.version, wait)
             return
-        finally:
-            ep.pending, ep.pending_version, ep.pending_state = None, None, None
-        if ep.runner is not blue:  # blue died or was evicted meanwhile: green serves anyway
-            blue = ep.runner
-        ep.runner, ep.version, ep.state = green, resolved.version, READY
-        ep.last_error, ep.failed_version, ep.cutover_failures = None, None, 0
+        except BaseException:
+            ep.cutover_cancelled(cutover)
+            raise
+        if ep.state not in (State.READY, State.FAILED):  # stopped, or cold-started anew
+            ep.cutover_cancelled(cutover)
+            await green.stop(grace=2)
+            return
+        blue = ep.switch(cutover, green)
         self.pool.events.cutover(ep, True)
-        log.info("endpoint %s: now serving version %s (green ready in %.1fs)", ep.spec.label,
-                 resolved.version, time.monotonic() - began)
+        log.info("endpoint %s: now serving version %s (green ready in %.1fs)", ep.label,
+                 resolved.version, time.monotonic() - cutover.began)
         if blue is not None:
             self.pool.spawn(self.pool.drain(blue, ep.spec.drain_timeout), f"drain-{blue.port}")
 
-    async def _warm_up(self, runner: Runner, example: str) -> None:
-        """One prediction with the model's own input example before traffic moves."""
-        assert runner.session is not None
+    async def _green(self, ep: Endpoint, cutover: Cutover) -> Runner:
+        """Start the cutover's runner and warm it up; it is stopped if anything fails."""
+        green = await self.pool.starter.launch(ep, cutover.target, on_phase=cutover.move,
+                                               on_runner=cutover.attach)
         try:
-            async with runner.session.post(
-                f"{runner.base_url}/invocations", data=example.encode(),
-                headers={"Content-Type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=runner.spec.request_timeout),
-            ) as resp:
-                body = await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            await runner.stop(grace=2)
-            raise RunnerStartError(f"warm-up prediction failed: {exc!r}") from exc
-        if resp.status != 200:
-            await runner.stop(grace=2)
-            raise RunnerStartError(f"warm-up prediction answered {resp.status}: "
-                                   f"{body[:300].decode(errors='replace')}")
+            cutover.move(Phase.WARMING)
+            if cutover.target.example:
+                await _warm_up(green, cutover.target.example)
+        except BaseException:
+            await green.stop(grace=2)
+            raise
+        return green
+
+
+async def _warm_up(runner: Runner, example: str) -> None:
+    """One prediction with the model's own input example before traffic moves."""
+    try:
+        status, body = await runner.client.request(
+            "POST", "/invocations", body=example.encode(),
+            headers=[(b"content-type", b"application/json")],
+            timeout=runner.spec.request_timeout)
+    except TransportError as exc:
+        raise RunnerStartError(f"warm-up prediction failed: {exc}") from exc
+    if status != 200:
+        raise RunnerStartError(f"warm-up prediction answered {status}: "
+                               f"{body[:300].decode(errors='replace')}")

@@ -8,7 +8,7 @@ its model, through the very same ``runners.serve.main`` as the ``direct`` launch
 
 Protocol: a ``SOCK_SEQPACKET`` socket pair, the zygote's stdin; one JSON object a message.
 
-    gateway → zygote  {"op": "spawn", "id": N, "args": [...], "env": {...}}, carrying
+    gateway → zygote  {"op": "spawn", "id": N, "options": {...}, "env": {...}}, carrying
                       (SCM_RIGHTS) the write end of a pipe: the child's stdout and stderr
     zygote → gateway  {"event": "ready", "pid": P, "seconds": S, ...}  once, after the imports
                       {"id": N, "pid": P}  or  {"id": N, "error": "..."}
@@ -23,7 +23,6 @@ The gateway cannot ``waitpid`` a forked runner: the zygote reaps it and reports 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import gc
 import importlib
 import json
@@ -36,11 +35,11 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import RunnerStartError
-from .launch import die_with_parent, kill_group
+from .process import die_with_parent, kill_group
+from .serve import ServeOptions, set_title
 
 log = logging.getLogger("model_gateway.zygote")
 
@@ -50,9 +49,7 @@ ZYGOTE_ARGV = [sys.executable, "-c", "import sys, runners.zygote as z; sys.exit(
 SERVE_MODULE = "runners.serve"
 PRELOAD_ENV = "MODEL_GATEWAY_ZYGOTE_PRELOAD"  # extra modules to import, comma-separated
 MAX_MESSAGE = 1 << 20
-PR_SET_NAME = 15
 OUTPUT_LINES = 50
-_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 
 # What a runner imports on its way to serving a scikit-learn model from a registry:
 # runners.serve, the sqlite and HTTP stores behind models:/ URIs, the sklearn flavour (its
@@ -78,7 +75,7 @@ class ZygoteError(RunnerStartError):
 def main() -> int:
     began = time.monotonic()
     control = _take_control_socket()
-    _set_name(b"mg-zygote")
+    set_title("model-gateway zygote")
     _warm_up()
     # Objects alive now are never collected: keep the child's GC from writing to (and so
     # copying) the pages they live on.
@@ -117,11 +114,6 @@ def _warm_up() -> None:
     except ImportError:  # an MLflow internal: a later version may move it
         return
     warn_dependency_requirement_mismatches(["mlflow"])
-
-
-def _set_name(name: bytes) -> None:
-    """Name the process for ps/top: forked runners share the zygote's command line."""
-    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def _send(control: socket.socket, message: dict[str, Any]) -> None:
@@ -176,7 +168,8 @@ class _Server:
             request = json.loads(data)
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) != 1:
                 raise ValueError("a spawn request is one message carrying one file descriptor")
-            pid = self._fork(list(request["args"]), dict(request["env"]), fds[0])
+            options = ServeOptions(**request["options"])
+            pid = self._fork(options, dict(request["env"]), fds[0])
             reply: dict[str, Any] = {"id": request.get("id"), "pid": pid}
         except (ValueError, KeyError, TypeError, OSError, ZygoteError) as exc:
             reply = {"id": request.get("id") if isinstance(request, dict) else None,
@@ -187,7 +180,7 @@ class _Server:
         _send(self.control, reply)
         return True
 
-    def _fork(self, args: list[str], env: dict[str, str], output: int) -> int:
+    def _fork(self, options: ServeOptions, env: dict[str, str], output: int) -> int:
         check_single_threaded()
         sys.stdout.flush()  # or the child would write the zygote's buffered output again
         sys.stderr.flush()
@@ -195,7 +188,8 @@ class _Server:
         zygote = os.getpid()
         pid = os.fork()
         if pid == 0:
-            _child(args, env, output, [self.control.fileno(), self.wake_r, self.wake_w], zygote)
+            _child(options, env, output, [self.control.fileno(), self.wake_r, self.wake_w],
+                   zygote)
         self.children.add(pid)
         return pid
 
@@ -228,9 +222,9 @@ class _Server:
                 self._reap()
 
 
-def _child(args: list[str], env: dict[str, str], output: int, inherited: list[int],
+def _child(options: ServeOptions, env: dict[str, str], output: int, inherited: list[int],
            zygote: int) -> NoReturn:
-    """The forked runner: becomes ``python -m runners.serve ARGS`` and never returns."""
+    """The forked runner: serves ``options`` as ``runners.serve.run`` and never returns."""
     code = 1
     try:
         os.setsid()  # its own process group, stopped with killpg like any runner
@@ -244,12 +238,11 @@ def _child(args: list[str], env: dict[str, str], output: int, inherited: list[in
         os.close(output)
         os.environ.clear()
         os.environ.update(env)
-        _set_name(b"mg-runner")
         if (numpy := sys.modules.get("numpy")) is not None:
             numpy.random.seed()  # `random` reseeds itself after a fork; numpy does not
         serve = sys.modules[SERVE_MODULE]
-        sys.argv = [str(serve.__file__), *args]
-        code = _exit_code(serve.main, args)
+        sys.argv = [str(serve.__file__), *options.argv()]
+        code = _exit_code(serve.run, options)
     except BaseException:  # noqa: BLE001 - nothing may unwind into the zygote's loop
         traceback.print_exc()
     finally:
@@ -261,10 +254,10 @@ def _child(args: list[str], env: dict[str, str], output: int, inherited: list[in
             os._exit(code)
 
 
-def _exit_code(entry: Any, args: list[str]) -> int:
-    """Run ``entry(args)`` and map its outcome to an exit status as the interpreter does."""
+def _exit_code(entry: Any, options: ServeOptions) -> int:
+    """Run ``entry(options)`` and map its outcome to an exit status as the interpreter does."""
     try:
-        result = entry(args)
+        result = entry(options)
     except SystemExit as exc:
         result = exc.code
     except BaseException:  # noqa: BLE001 - printed like an uncaught exception, status 1
@@ -274,9 +267,6 @@ def _exit_code(entry: Any, args: list[str]) -> int:
         return result or 0
     print(result, file=sys.stderr)
     return 1
-
-
-# == the gateway's side ===================================================================
 
 
 if __name__ == "__main__":

@@ -44,13 +44,13 @@ def owned_processes(owner: str) -> list[psutil.Process]:
 def is_runner(proc: psutil.Process) -> bool:
     """A runner's top process (direct launch, or the CLI of `mlflow models serve`)."""
     try:
-        cmd = " ".join(proc.cmdline())
-        name = proc.name()
+        cmd = " ".join(proc.cmdline()).strip()
     except psutil.Error:
         return False
-    # A forked runner keeps the zygote's command line; it names itself mg-runner.
+    # A runner names itself (its process title): forked runners have no command line of
+    # their own.
     return ("runners.serve" in cmd or "runners/serve.py" in cmd or " models serve " in cmd
-            or name == "mg-runner")
+            or cmd.startswith("model-gateway runner "))
 
 
 def runner_processes(owner: str) -> list[psutil.Process]:
@@ -63,6 +63,7 @@ class GatewayProcess:
     def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None
                  ) -> None:
         self.port = free_port()
+        self.env = env or {}
         config = {**config, "server": {"host": "127.0.0.1", "port": self.port}}
         self.config_path = workdir / f"gateway-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -6,10 +6,13 @@ import signal
 import time
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.conftest import metric, runner_processes, wait_for
 from tests.test_follow import Load, X
+
+pytestmark = pytest.mark.slow
 
 ADMIN = "admin-token-for-tests"
 KEY = "api-key-for-tests"

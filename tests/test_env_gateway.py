@@ -15,6 +15,8 @@ from mlflow import MlflowClient
 from tests.conftest import GatewayProcess, wait_for
 from tests.test_environment import GATEWAY_SKLEARN, OTHER_SKLEARN, log_versions
 
+pytestmark = pytest.mark.slow
+
 X = {"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}
 
 
@@ -50,7 +52,6 @@ def envs(cache: Path) -> list[str]:
     return sorted(p.name for p in cache.iterdir() if p.is_dir() and p.name.startswith("uv-"))
 
 
-@pytest.mark.slow
 def test_cutover_between_requirements_has_zero_failed_requests(gateway: Any, skver: str,
                                                                tmp_path: Path) -> None:
     cache = tmp_path / "envs"
@@ -122,7 +123,6 @@ def test_unresolvable_requirement_is_a_clear_503(gateway: Any, tmp_path: Path) -
     assert envs(cache) == []  # nothing half-built left behind
 
 
-@pytest.mark.slow
 def test_local_model_with_local_or_built_dependencies(gateway: Any, skver: str,
                                                       tmp_path: Path) -> None:
     """Scenarios I and II: a model from a path, served from the gateway's environment or

@@ -26,17 +26,15 @@ import psutil
 import pytest
 import sklearn
 
-from runners.environment import (
-    EnvBuildError,
-    build_environment,
-    download_model,
-    environment_key,
-    read_model_env,
-)
+from runners.environment import EnvBuildError, build_environment, download_model
+from runners.requirements import environment_key, read_model_env
 from tests.conftest import ROOT, free_port
+
+pytestmark = pytest.mark.slow
 
 GATEWAY_SKLEARN = "1.9.1"
 OTHER_SKLEARN = "1.8.0"  # another minor release that PyPI serves for Python 3.11
+
 SERVE = ROOT / "runners" / "serve.py"
 
 MODEL_CODE = '''
@@ -140,7 +138,6 @@ def test_key_follows_requirements_not_versions(models: dict[int, Path]) -> None:
     assert "mlflow==3.17.2" in spec.fingerprint  # MLflow pins itself when logging
 
 
-@pytest.mark.slow
 def test_built_once_then_reused(models: dict[int, Path], cache: Path) -> None:
     python = build(models[1], cache)
     assert python.parent.parent.name == environment_key(models[1], "uv")
@@ -156,7 +153,6 @@ def test_built_once_then_reused(models: dict[int, Path], cache: Path) -> None:
     assert leftovers(cache) == before
 
 
-@pytest.mark.slow
 def test_runners_serve_from_their_own_environments(models: dict[int, Path],
                                                    cache: Path) -> None:
     envs = {v: build(models[v], cache) for v in (1, 2)}
@@ -210,7 +206,6 @@ def predict(proc: subprocess.Popen[bytes], port: int, output: IO[bytes]) -> list
     return resp.json()["predictions"]
 
 
-@pytest.mark.slow
 def test_concurrent_builds_of_one_key_build_once(models: dict[int, Path], cache: Path,
                                                  tmp_path: Path) -> None:
     model = variant(models[1], tmp_path, f"mlflow==3.17.2\nscikit-learn=={GATEWAY_SKLEARN}\n"
@@ -298,7 +293,6 @@ def test_failed_download_names_the_uri(tmp_path: Path) -> None:
     assert list((tmp_path / "models").iterdir()) == []
 
 
-@pytest.mark.slow
 def test_virtualenv_builds_with_pip(models: dict[int, Path], cache: Path) -> None:
     python = build(models[2], cache, "virtualenv", timeout=600)
     assert python != build(models[2], cache)  # another manager, another environment

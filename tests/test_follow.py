@@ -19,6 +19,8 @@ from mlflow import MlflowClient
 from tests.conftest import GatewayProcess, runner_processes, wait_for
 from tests.registry import Registry
 
+pytestmark = pytest.mark.slow
+
 X = {"dataframe_split": {"columns": ["x"], "data": [[0.5]]}}
 ADMIN = "admin-token-for-tests"
 
@@ -141,6 +143,9 @@ def test_deleted_alias_keeps_serving_and_is_reported(follower: Any, registry: Re
     assert gw.predict("const", "t-deleted", X).json() == {"predictions": [1.0]}
 
 
+# Stages are deprecated in MLflow 3, and still followed by users' endpoints.
+@pytest.mark.filterwarnings("ignore:``mlflow.tracking.client.MlflowClient.transition_model_"
+                            "version_stage`` is deprecated:FutureWarning")
 def test_stage_follows_and_admin_reload_forces_it(start_gateway: Any, registry: Registry
                                                   ) -> None:
     client = MlflowClient(registry.tracking_uri)

@@ -26,16 +26,23 @@ IRIS = {"dataframe_split": {"columns": IRIS_COLUMNS, "data": ROWS}}
 EXPECTED = [0, 2]
 
 
-@pytest.fixture(scope="module", params=["fork", "direct", "cli"])
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["fork", "direct", "cli", "plain"])
 def gw(request: pytest.FixtureRequest, registry: Registry,
        tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """One gateway with warm runners, shared by the read-only tests of this module.
 
     Every launcher must serve the same protocol with the same errors, so the module runs
-    once per launcher (``defaults.launcher``).
+    once per launcher (``defaults.launcher``), and once more (``plain``, fork launcher)
+    with the fast path's uvicorn self-check made to fail: every request then takes the
+    plain ASGI path, which must be complete on its own.
     """
+    plain = request.param == "plain"
+    launcher = "fork" if plain else request.param
     config = {"tracking_uri": registry.tracking_uri,
-              "defaults": {"startup_timeout": "2m", "launcher": request.param},
+              "defaults": {"startup_timeout": "2m", "launcher": launcher},
               "endpoints": [
                   {"name": "iris", "alias": "champion"},
                   {"name": "iris", "alias": "cli", "model_uri": "models:/iris@champion",
@@ -44,7 +51,10 @@ def gw(request: pytest.FixtureRequest, registry: Registry,
                   {"name": "sleepy", "alias": "main", "request_timeout": "2s"},
                   {"name": "ghost", "alias": "x", "model_uri": "models:/no-such-model@nope"},
               ]}
-    gateway = GatewayProcess(config, tmp_path_factory.mktemp("shared"))
+    env = {"MODEL_GATEWAY_FAST_PATH": "off"} if plain else {}
+    gateway = GatewayProcess(config, tmp_path_factory.mktemp("shared"), env)
+    warning = "serving every request through the plain ASGI path"
+    assert (warning in gateway.log()) == plain, gateway.log()
     yield gateway
     log = gateway.log()
     assert gateway.stop() == 0, log
@@ -150,7 +160,14 @@ def test_a_small_answer_costs_one_write_each_way(gw: GatewayProcess) -> None:
             resp = client.get("/models/iris/champion/ping")
             assert resp.status_code == 200 and resp.headers["x-model-version"] == "1"
         per_request = (_writes(gw.proc.pid) - before) / 200
-    assert 1.9 <= per_request < 2.5, per_request
+    if _plain(gw):
+        assert 2.5 <= per_request < 3.5, per_request  # uvicorn alone: head and body apart
+    else:
+        assert 1.9 <= per_request < 2.5, per_request
+
+
+def _plain(gw: GatewayProcess) -> bool:
+    return gw.env.get("MODEL_GATEWAY_FAST_PATH") == "off"
 
 
 def _answers(sock: socket.socket, methods: list[str]) -> list[tuple[int, dict[str, str], bytes]]:
@@ -375,7 +392,9 @@ def test_preload_starts_at_startup_and_gates_readiness(start_gateway: Any) -> No
                         {"name": "sleepy", "alias": "main"}])
     early = gw.client.get("/readyz")
     assert early.status_code == 503
-    assert early.json()["endpoints"] == ["iris/champion: starting"]
+    # Ready means ready: the zygote has imported MLflow and the resolver answers, so the
+    # first cold start after readiness is as fast as any other.
+    assert {"zygote: starting", "iris/champion: starting"} <= set(early.json()["waiting"])
     assert wait_for(lambda: gw.client.get("/readyz").status_code == 200, 120)
     assert gw.status("iris", "champion")["state"] == "ready"
     assert gw.status("sleepy", "main")["state"] == "cold"  # not preloaded: still lazy

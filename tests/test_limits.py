@@ -7,8 +7,12 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
+
 from tests.conftest import GatewayProcess, wait_for
 from tests.test_follow import X
+
+pytestmark = pytest.mark.slow
 
 KEY, TEAM_KEY, ADMIN = "key-for-tests", "team-key-for-tests", "admin-for-tests"
 

@@ -11,9 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
+import pytest
 
 from tests.conftest import metric, owned_processes, runner_processes, wait_for
 from tests.test_follow import Load, X
+
+pytestmark = pytest.mark.slow
 
 ALIASES = ["a", "b", "c"]
 

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import pytest
@@ -22,6 +22,8 @@ from gateway.webhooks import signature
 from tests.conftest import ROOT, free_port, wait_for
 from tests.registry import Registry
 from tests.test_follow import Load, X
+
+pytestmark = pytest.mark.slow
 
 SECRET = "webhook-secret-for-tests"
 
@@ -37,6 +39,12 @@ class MlflowServer:
         self.log = db.with_suffix(".log")
 
     def start(self) -> None:
+        with self.log.open("ab") as log:  # the child keeps its own copy of the descriptor
+            self._start(log)
+        up = wait_for(lambda: self._healthy(), 90, 0.25)
+        assert up, self.log.read_text()[-3000:]
+
+    def _start(self, log: BinaryIO) -> None:
         env = {**os.environ, "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
                # MLflow 3.17 reads the second name; the first is what older notes use.
                "_MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
@@ -44,10 +52,8 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
              f"sqlite:///{self.db}", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"], cwd=ROOT, env=env, stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT, start_new_session=True)
-        up = wait_for(lambda: self._healthy(), 90, 0.25)
-        assert up, self.log.read_text()[-3000:]
+             "--workers", "1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
 
     def _healthy(self) -> bool:
         try:

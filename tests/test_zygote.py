@@ -21,7 +21,8 @@ import httpx
 import psutil
 import pytest
 
-from runners.forked import ForkedProcess, Zygote, serve_args
+from runners.forked import ForkedProcess, Zygote
+from runners.launch import LaunchSpec
 from runners.zygote import PRELOAD_ENV, ZygoteError, check_single_threaded
 from tests.conftest import free_port
 
@@ -94,9 +95,9 @@ def zygote(loop: asyncio.AbstractEventLoop, base_env: dict[str, str]) -> Iterato
     assert zygote.pid is not None and not running(zygote.pid)
 
 
-def serve_argv(model_uri: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "runners.serve", "--model-uri", model_uri,
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--timeout", "60"]
+def launch(model_uri: str, port: int, env: dict[str, str]) -> LaunchSpec:
+    return LaunchSpec(label="iris/test", version="1", model_uri=model_uri, port=port,
+                      launcher="fork", env=env)
 
 
 def smaps(pid: int) -> dict[str, int]:
@@ -163,7 +164,7 @@ def test_forked_runner_serves_predictions(loop: asyncio.AbstractEventLoop, zygot
         port = free_port()
         async with httpx.AsyncClient(timeout=10) as client:
             began = time.monotonic()
-            proc = await zygote.spawn(serve_argv("models:/iris/1", port), runner_env)
+            proc = await zygote.fork(launch("models:/iris/1", port, runner_env))
             out = Output(proc)
             try:
                 answer = await first_prediction(client, proc, port, out)
@@ -174,8 +175,11 @@ def test_forked_runner_serves_predictions(loop: asyncio.AbstractEventLoop, zygot
                 # Its own process group, and a child of the zygote, not of this process.
                 assert os.getpgid(proc.pid) == proc.pid
                 assert psutil.Process(proc.pid).ppid() == zygote.pid != os.getpid()
-                assert psutil.Process(proc.pid).name() == "mg-runner"  # its command line is
-                assert psutil.Process(zygote.pid or 0).name() == "mg-zygote"  # the zygote's
+                # ps tells which model a forked runner serves, not the zygote's command line
+                title = " ".join(psutil.Process(proc.pid).cmdline()).strip()
+                assert title == f"model-gateway runner iris/test v1 port {port}", title
+                zygote_title = " ".join(psutil.Process(zygote.pid or 0).cmdline()).strip()
+                assert zygote_title == "model-gateway zygote"
                 print(f"fork: runner {memory(proc.pid)}; zygote {memory(zygote.pid or 0)}")
             finally:
                 code = await stop(proc)
@@ -192,7 +196,7 @@ def test_each_additional_runner_is_small(loop: asyncio.AbstractEventLoop, zygote
                                          runner_env: dict[str, str]) -> None:
     async def scenario() -> None:
         ports = [free_port(), free_port()]
-        procs = [await zygote.spawn(serve_argv("models:/iris/1", p), runner_env) for p in ports]
+        procs = [await zygote.fork(launch("models:/iris/1", p, runner_env)) for p in ports]
         outs = [Output(p) for p in procs]
         try:
             async with httpx.AsyncClient(timeout=10) as client:
@@ -213,7 +217,7 @@ def test_each_additional_runner_is_small(loop: asyncio.AbstractEventLoop, zygote
 def test_bad_model_uri_exits_non_zero_with_mlflow_error(
         loop: asyncio.AbstractEventLoop, zygote: Zygote, runner_env: dict[str, str]) -> None:
     async def scenario() -> None:
-        proc = await zygote.spawn(serve_argv("models:/no-such-model/1", free_port()), runner_env)
+        proc = await zygote.fork(launch("models:/no-such-model/1", free_port(), runner_env))
         out = Output(proc)
         code = await asyncio.wait_for(proc.wait(), 60)
         await asyncio.wait_for(out.task, 5)
@@ -235,7 +239,7 @@ def test_killing_the_zygote_kills_its_runners(loop: asyncio.AbstractEventLoop,
 
     async def scenario() -> None:
         port = free_port()
-        proc = await doomed.spawn(serve_argv("models:/iris/1", port), runner_env)
+        proc = await doomed.fork(launch("models:/iris/1", port, runner_env))
         out = Output(proc)
         async with httpx.AsyncClient(timeout=10) as client:
             assert (await first_prediction(client, proc, port, out)).status_code == 200
@@ -247,7 +251,7 @@ def test_killing_the_zygote_kills_its_runners(loop: asyncio.AbstractEventLoop,
         assert not running(proc.pid), "a forked runner outlived its zygote by 2 s"
         assert await asyncio.wait_for(proc.wait(), 5) == -signal.SIGKILL
         with pytest.raises(ZygoteError):
-            await doomed.spawn(serve_argv("models:/iris/1", free_port()), runner_env)
+            await doomed.fork(launch("models:/iris/1", free_port(), runner_env))
 
     try:
         loop.run_until_complete(scenario())
@@ -282,7 +286,31 @@ def test_zygote_refuses_to_fork_beside_threads() -> None:
     assert subprocess.run([sys.executable, "-c", check], check=False).returncode == 0
 
 
-def test_fork_launcher_runs_runners_serve_only() -> None:
-    assert serve_args(serve_argv("models:/iris/1", 5000))[:2] == ["--model-uri", "models:/iris/1"]
-    with pytest.raises(ValueError, match=r"runners\.serve"):
-        serve_args([sys.executable, "-m", "mlflow", "models", "serve"])
+def test_a_zygote_starts_again_after_it_died(loop: asyncio.AbstractEventLoop,
+                                            base_env: dict[str, str],
+                                            runner_env: dict[str, str]) -> None:
+    """The supervisor restarts the same Zygote object: a fresh process, new forks work."""
+    zygote = Zygote(base_env)
+
+    async def scenario() -> None:
+        await zygote.start()
+        first = zygote.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert await asyncio.wait_for(zygote.wait(), 10) == -signal.SIGKILL
+        assert not zygote.is_alive
+        await zygote.start()
+        assert zygote.is_alive and zygote.pid != first
+        port = free_port()
+        proc = await zygote.fork(launch("models:/iris/1", port, runner_env))
+        out = Output(proc)
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                assert (await first_prediction(client, proc, port, out)).status_code == 200
+        finally:
+            await stop(proc)
+
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.run_until_complete(zygote.close())

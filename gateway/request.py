@@ -1,0 +1,81 @@
+"""A proxied request: its route, and the head the runner is sent.
+
+``/models/<name>/<alias>/<action>`` routes are parsed once; :class:`IncomingRequest`
+reads the caller's headers once, keeping what the proxy checks (authorization, length,
+header bytes) and building the head for the runner (``runners.client`` adds Host and the
+framing headers).
+"""
+
+from __future__ import annotations
+
+import random
+from urllib.parse import unquote
+
+from .types import Scope
+
+# The proxied actions and the method each accepts (HEAD also, except on invocations).
+PROXIED = {"invocations": "POST", "ping": "GET", "health": "GET", "version": "GET"}
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
+                        b"proxy-authorization", b"te", b"trailer", b"trailers",
+                        b"transfer-encoding", b"upgrade", b"host"})
+# The gateway sets these itself on the way to the runner.
+REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"expect", b"x-forwarded-for",
+                             b"x-request-id", b"authorization"}
+
+_ids = random.Random()  # request ids need to be unique, not secret: no syscall per request
+
+
+def parse_route(raw_path: bytes) -> tuple[str, str, str] | None:
+    """``/models/<name>/<alias>/<action>`` → decoded (name, alias, action), else None."""
+    parts = raw_path.split(b"?", 1)[0].split(b"/")
+    if len(parts) != 5 or parts[1] != b"models" or not all(parts[2:]):
+        return None
+    return unquote(parts[2].decode("latin-1")), unquote(parts[3].decode("latin-1")), \
+        parts[4].decode("latin-1")
+
+
+class IncomingRequest:
+    """What the runner is sent for one request: its head, without framing headers.
+
+    The one pass over the headers also keeps what the proxy checks before forwarding:
+    ``authorization`` (never forwarded), ``content_length`` and ``header_bytes``.
+    """
+
+    __slots__ = ("authorization", "content_length", "head", "header_bytes", "method",
+                 "request_id")
+
+    def __init__(self, scope: Scope, action: str) -> None:
+        self.method: str = scope["method"]
+        query: bytes = scope.get("query_string") or b""
+        parts = [self.method.encode(), b" /", action.encode(), b"?" if query else b"", query,
+                 b" HTTP/1.1\r\n"]
+        request_id = forwarded = length = authorization = None
+        size = 0
+        for key, value in scope["headers"]:  # names are lower-case, values validated
+            size += len(key) + len(value) + 4
+            if key in REQUEST_DROP:
+                if key == b"x-request-id":
+                    request_id = request_id or value  # the first one
+                elif key == b"x-forwarded-for":
+                    forwarded = value  # the last one
+                elif key == b"content-length":
+                    length = value
+                elif key == b"authorization":
+                    authorization = value
+                continue
+            parts += (key, b": ", value, b"\r\n")
+        client = scope.get("client")
+        if client:
+            address = client[0].encode()
+            forwarded = forwarded + b", " + address if forwarded else address
+        if forwarded:
+            parts += (b"x-forwarded-for: ", forwarded, b"\r\n")
+        self.request_id: bytes = request_id or b"%032x" % _ids.getrandbits(128)
+        parts += (b"x-request-id: ", self.request_id, b"\r\n")
+        self.head = b"".join(parts)
+        # The server has already refused a Content-Length that is not a number; the check
+        # only keeps int() from raising.
+        self.content_length: int | None = int(length) if length and length.isdigit() else None
+        self.authorization: str | None = authorization.decode("latin-1") if authorization \
+            else None
+        self.header_bytes = size

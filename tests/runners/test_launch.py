@@ -1,0 +1,79 @@
+"""A runner's launch as data: each launcher's command line, and what a failure says."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from runners.launch import SERVE_SCRIPT, LaunchSpec, effective_launcher, runner_socket
+from runners.runner import Runner
+from runners.serve import ServeOptions, main
+from runners.spec import EndpointSpec
+
+SPEC = EndpointSpec(name="churn", alias="champion", model_uri="models:/churn@champion",
+                    request_timeout=30)
+
+
+def launch(launcher: str, **extra: object) -> LaunchSpec:
+    values: dict[str, object] = {"label": "churn/champion", "version": "7",
+                                 "model_uri": "models:/churn/7", "port": 5001,
+                                 "launcher": launcher, "env": {}, "request_timeout": 30.0}
+    return LaunchSpec(**{**values, **extra})  # type: ignore[arg-type]
+
+
+def test_serve_options_survive_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = launch("direct", socket="model-gateway/1/5001").serve_options()
+    assert options == ServeOptions(model_uri="models:/churn/7", port=5001, timeout=35,
+                                   abstract_socket="model-gateway/1/5001",
+                                   title="model-gateway runner churn/champion v7 port 5001")
+    seen: list[ServeOptions] = []
+    monkeypatch.setattr("runners.serve.run", lambda o: seen.append(o) or 0)
+    assert main(options.argv()) == 0
+    assert seen == [options]  # what the direct launcher passes is what the fork one sends
+    assert ServeOptions(**asdict(options)) == options
+
+
+def test_each_launcher_makes_its_own_command() -> None:
+    direct = launch("direct").argv()
+    assert direct[:3] == [sys.executable, "-m", "runners.serve"]
+    assert direct[direct.index("--model-uri") + 1] == "models:/churn/7"
+    built = launch("env", python=Path("/envs/abc/bin/python")).argv()
+    assert built[:2] == ["/envs/abc/bin/python", SERVE_SCRIPT]  # by path: no gateway package
+    cli = launch("cli", env_manager="local", workers=2).argv()
+    assert cli[:4] == [sys.executable, "-m", "mlflow", "models"]
+    assert cli[cli.index("-m", 2) + 1] == "models:/churn/7"
+    assert cli[cli.index("--workers") + 1] == "2" and cli[cli.index("--timeout") + 1] == "35"
+
+
+def test_which_runners_get_an_abstract_socket() -> None:
+    assert effective_launcher(SPEC) == "fork"
+    assert effective_launcher(EndpointSpec(**{**vars(SPEC), "env_manager": "uv"})) == "env"
+    assert runner_socket(SPEC, 5001) is not None
+    assert runner_socket(EndpointSpec(**{**vars(SPEC), "workers": 2}), 5001) is None
+    assert runner_socket(EndpointSpec(**{**vars(SPEC), "launcher": "cli"}), 5001) is None
+
+
+async def _no_fork(spec: LaunchSpec) -> object:
+    raise AssertionError("not started")
+
+
+def test_a_failure_names_its_cause_even_when_it_scrolled_out_of_the_tail() -> None:
+    """`mlflow models serve` prints the runner's traceback, then its own wrapper's: the
+    cause is about 27 lines from the end, past the 20 lines a message carries."""
+    runner = Runner(SPEC, launch("cli"), _no_fork, model_uri="models:/churn/7")  # type: ignore[arg-type]
+    lines = ["Traceback (most recent call last):",
+             '  File "/models/churn/loader.py", line 3, in <module>',
+             "    import xgboost",
+             "ModuleNotFoundError: No module named 'xgboost'",
+             *[f"  wrapper frame {i}" for i in range(22)],
+             "subprocess.CalledProcessError: Command '['bash', '-c', 'exec uvicorn']' "
+             "returned non-zero exit status 1."]
+    for line in lines:
+        runner.keep_output(line)
+    message = runner.failure("runner exited with code 1")
+    assert message.startswith("runner exited with code 1 (ModuleNotFoundError: No module "
+                              "named 'xgboost'); last output:\n")
+    assert message.count("\n") == 20 and message.endswith("returned non-zero exit status 1.")
