@@ -4,9 +4,9 @@
 
 Uses the demo registry (built with ``demo/build.py`` when missing). Three measurements:
 
-1. Cold start to the first prediction, interleaved round after round (fork, direct, cli):
-   a request to a never-started gateway endpoint with launcher ``fork`` (the zygote is
-   warmed first through a throwaway endpoint), the same with launcher ``direct``, and a
+1. Cold start to the first prediction, interleaved round after round: a request to a
+   never-started gateway endpoint with launcher ``fork`` (the zygote is warmed first
+   through a throwaway endpoint), the same with launchers ``direct`` and ``cli``, and a
    plain ``mlflow models serve -m models:/iris@champion --env-manager local`` timed from
    its process start to its first 200 (then its process group is killed).
 2. PSS and RSS (``/proc/PID/smaps_rollup``) of three fork runners and three direct
@@ -51,7 +51,7 @@ from bench.probes import Memory, leftovers, memory, mib, predict, write_config
 from bench.proxy import BODY, DEMO_DB, ensure_demo
 
 MODEL_URI = "models:/iris@champion"
-LAUNCHERS = ("fork", "direct", "cli")
+LAUNCHERS = ("fork", "direct", "cli", "serve")  # serve: a plain `mlflow models serve`
 MEMORY_RUNNERS = 3  # runners of each launcher whose memory is reported
 SCALE = (10, 1000)
 START_TIMEOUT = 300.0
@@ -108,6 +108,12 @@ def time_mlflow_serve(work: Path, round_no: int) -> float:
                                  serve.check_alive)
 
 
+def _group_memory(pgid: int) -> Memory:
+    """PSS and RSS of every process in a runner's process group."""
+    members = [memory(pid) for pid in process_tree(pgid)]
+    return Memory(pid=pgid, pss=sum(m.pss for m in members), rss=sum(m.rss for m in members))
+
+
 def _ppid(pid: int) -> int:
     raw = Path(f"/proc/{pid}/stat").read_text()
     return int(raw[raw.rindex(")") + 2:].split()[1])
@@ -117,7 +123,7 @@ def cold_starts(options: Options, work: Path, log_level: str
                 ) -> tuple[dict[str, list[float]], dict[str, Memory | list[Memory]]]:
     count = max(options.rounds, MEMORY_RUNNERS)
     endpoints = [{"name": "iris", "alias": "warm", "model_uri": MODEL_URI, "launcher": "fork"}]
-    for launcher in ("fork", "direct"):
+    for launcher in ("fork", "direct", "cli"):
         endpoints += [{"name": "iris", "alias": f"{launcher}-{i}", "model_uri": MODEL_URI,
                        "launcher": launcher} for i in range(1, count + 1)]
     config = _config(work, "coldstart", endpoints, max_runners=len(endpoints) + 1)
@@ -131,23 +137,24 @@ def cold_starts(options: Options, work: Path, log_level: str
                 for launcher in LAUNCHERS:
                     if options.quiet_wait:
                         wait_for_quiet(min(options.quiet_wait, 15), threshold=options.max_noise)
-                    if launcher == "cli":
+                    if launcher == "serve":
                         seconds = time_mlflow_serve(work, round_no)
                     else:
                         seconds = time_gateway(gateway, f"{launcher}-{round_no}")
                     times[launcher].append(seconds)
                     print(f"    {launcher:<7} {seconds:6.2f} s", file=sys.stderr, flush=True)
         with stage(f"memory of {MEMORY_RUNNERS} runners of each launcher"):
-            for launcher in ("fork", "direct"):
+            for launcher in ("fork", "direct", "cli"):
                 runners = []
                 for i in range(1, MEMORY_RUNNERS + 1):
                     if i > options.rounds:
                         time_gateway(gateway, f"{launcher}-{i}")
-                    runners.append(gateway.runner_port("iris", f"{launcher}-{i}")[1])
+                    runners.append(int(gateway.runner("iris", f"{launcher}-{i}")["pid"]))
                 if len(set(runners)) != len(runners):
                     raise RuntimeError(f"{launcher} endpoints share runner pids: {runners}")
                 time.sleep(1)  # let the last runner settle
-                mem[launcher] = [memory(pid) for pid in runners]
+                # A cli runner is two processes (the CLI and its uvicorn): count its group.
+                mem[launcher] = [_group_memory(pid) for pid in runners]
                 if launcher == "fork":
                     zygote = _ppid(runners[0])
                     if zygote != gateway.pid:
@@ -212,15 +219,16 @@ def run(options: Options, *, counts: Sequence[int] = SCALE, log_level: str = "WA
 def render(options: Options, times: dict[str, list[float]],
            mem: dict[str, Memory | list[Memory]],
            sized: dict[int, list[tuple[float, Memory, int]]]) -> str:
-    cli = median(times["cli"])
+    serve = median(times["serve"])
     names = {"fork": "gateway, launcher fork", "direct": "gateway, launcher direct",
-             "cli": "`mlflow models serve`"}
-    rows = [[names[k], f"{median(v):.2f}", f"{median(v) / cli:.2f}",
+             "cli": "gateway, launcher cli", "serve": "`mlflow models serve`"}
+    rows = [[names[k], f"{median(v):.2f}", f"{median(v) / serve:.2f}",
              ", ".join(f"{s:.2f}" for s in v)] for k, v in times.items()]
     cold = markdown_table(["launcher", "median s", "× mlflow models serve", "rounds (s)"], rows)
 
     mem_rows = []
     for key, label in (("fork", "fork runner (each)"), ("direct", "direct runner (each)"),
+                       ("cli", "cli runner (each, both processes)"),
                        ("zygote", "zygote"), ("gateway", "gateway process")):
         value = mem.get(key)
         if value is None:

@@ -26,7 +26,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from bench.harness import (
     wait_until,
 )
 from bench.probes import predict, write_config
+from bench.registry import constant_registry
 
 BODY = b'{"dataframe_split": {"columns": ["x"], "data": [[0.5]]}}'
 SECRET = "bench-cutover-webhook-secret"
@@ -79,24 +79,7 @@ class Round:
 
 def build_registry(root: Path) -> str:
     """``const`` v1 → 1.0, v2 → 2.0; aliases ``live`` and ``hook`` → 1. Returns its URI."""
-    warnings.filterwarnings("ignore")
-    import mlflow
-    import pandas as pd
-    from mlflow import MlflowClient
-    from sklearn.dummy import DummyRegressor
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("bench-cutover",
-                                          artifact_location=(root / "artifacts").as_uri())
-    mlflow.set_experiment(experiment_id=experiment)
-    x = pd.DataFrame({"x": [0.0, 1.0]})
-    for constant in (1.0, 2.0):
-        with mlflow.start_run():
-            mlflow.sklearn.log_model(DummyRegressor(strategy="constant", constant=constant)
-                                     .fit(x, [0, 0]), name="model", input_example=x,
-                                     registered_model_name="const")
+    uri, client = constant_registry(root, "bench-cutover", ["const"], (1.0, 2.0))
     for alias in ("live", "hook"):
         client.set_registered_model_alias("const", alias, "1")
     return uri

@@ -318,20 +318,26 @@ class GatewayService(Service):
         return http(f"{self.url}/readyz", timeout=2)[0] == 200
 
     def status(self, name: str, alias: str) -> dict[str, Any]:
-        code, body = http(f"{self.url}/models/{name}/{alias}")
-        if code != 200:
-            raise RuntimeError(f"GET /models/{name}/{alias} answered {code}: {body[:300]!r}")
-        status: dict[str, Any] = json.loads(body)
+        """The endpoint's status from the admin API (runner details included); the config
+        must have bench.probes.ADMIN_TOKEN (write_config adds it)."""
+        from bench.probes import ADMIN_TOKEN
+
+        request = urllib.request.Request(f"{self.url}/admin/endpoints",
+                                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            listing = json.loads(resp.read())
+        status: dict[str, Any] = next(e for e in listing["endpoints"]
+                                      if (e["name"], e["alias"]) == (name, alias))
         if status.get("runner"):
             self.runner_pids.add(int(status["runner"]["pid"]))
         return status
 
-    def runner_port(self, name: str, alias: str) -> tuple[int, int]:
-        """(port, pid) of the runner serving ``name@alias``; it must have been started."""
+    def runner(self, name: str, alias: str) -> dict[str, Any]:
+        """The runner serving ``name@alias`` (pid, port, unix_socket); it must be started."""
         runner = self.status(name, alias).get("runner")
         if not runner:
             raise RuntimeError(f"{name}/{alias} has no runner; send it a request first")
-        return int(runner["port"]), int(runner["pid"])
+        return dict(runner)
 
     def stop(self, grace: float = 30.0) -> None:
         super().stop(grace)

@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from bench.harness import (
     wrk_json,
 )
 from bench.probes import by_label, leftovers, metric, mib, predict, scrape, write_config
+from bench.registry import constant_registry
 
 BODY = '{"dataframe_split": {"columns": ["x"], "data": [[0.5]]}}'
 ENDPOINTS = 40
@@ -111,22 +111,7 @@ class Outcome:
 
 def build_registry(root: Path) -> str:
     """``const`` v1 (predicts 1.0). Returns the registry's URI."""
-    warnings.filterwarnings("ignore")
-    import mlflow
-    import pandas as pd
-    from mlflow import MlflowClient
-    from sklearn.dummy import DummyRegressor
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    experiment = MlflowClient(uri).create_experiment(
-        "bench-many-models", artifact_location=(root / "artifacts").as_uri())
-    mlflow.set_experiment(experiment_id=experiment)
-    x = pd.DataFrame({"x": [0.0, 1.0]})
-    with mlflow.start_run():
-        mlflow.sklearn.log_model(DummyRegressor(strategy="constant", constant=1.0).fit(x, [0, 0]),
-                                 name="model", input_example=x, registered_model_name="const")
-    return uri
+    return constant_registry(root, "bench-many-models", ["const"], (1.0,))[0]
 
 
 class Sampler(threading.Thread):

@@ -87,7 +87,12 @@ def predict(url: str, body: bytes, timeout: float = 30.0) -> tuple[int, str | No
         return exc.code, exc.headers.get("X-Model-Version")
 
 
+ADMIN_TOKEN = "bench-admin-token"  # runner details (pid, port) are in the admin API only
+
+
 def write_config(path: Path, config: dict[str, Any]) -> Path:
+    """Write ``config``; one without ``auth`` gets ADMIN_TOKEN as its admin token."""
+    config = {"auth": {"admin_tokens": [ADMIN_TOKEN]}, **config}
     path.write_text(json.dumps(config, indent=1))
     return path
 

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -59,6 +61,7 @@ from bench.harness import (
     wait_for_quiet,
     wait_until,
 )
+from bench.probes import write_config
 
 CONFIG = ROOT / "config" / "gateway.yaml"
 DEMO_DB = ROOT / "demo" / "mlflow.db"
@@ -151,13 +154,18 @@ def run(options: Options, *, targets: Sequence[str] = TARGETS,
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{DEMO_DB}"}
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-proxy-")))
+        # The demo's config, with runners on TCP too: the direct target calls the runner.
+        config = yaml.safe_load(CONFIG.read_text())
+        config.setdefault("pool", {})["runner_tcp"] = True
+        config_path = write_config(work / "gateway.yaml", config)
         with stage("starting the gateway"):
-            gateway = stack.enter_context(GatewayService(CONFIG, work / "gateway.log",
+            gateway = stack.enter_context(GatewayService(config_path, work / "gateway.log",
                                                          log_level=log_level, env=env))
         model_url = f"{gateway.url}/models/{MODEL[0]}/{MODEL[1]}"
         with stage(f"warming {MODEL[0]}@{MODEL[1]} (cold start of its runner)"):
             warm(f"{model_url}/invocations")
-        runner_port, runner_pid = gateway.runner_port(*MODEL)
+        runner = gateway.runner(*MODEL)  # on TCP too: pool.runner_tcp above
+        runner_port, runner_pid = int(runner["port"]), int(runner["pid"])
         direct = f"http://127.0.0.1:{runner_port}"
         all_targets = {"direct": Target("direct", direct),
                        "gateway": Target("gateway", model_url, [gateway.pid])}

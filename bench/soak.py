@@ -36,14 +36,12 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,6 +72,7 @@ from bench.harness import (
     wait_until,
 )
 from bench.probes import Sample, alive, by_label, metric, predict, scrape, write_config
+from bench.registry import break_version, constant_registry
 
 MODELS = ("alpha", "beta", "gamma")
 ALIASES = {"live": "1", "canary": "2"}  # alias → the version it names at the start
@@ -94,36 +93,12 @@ OWNER_ENV = "MODEL_GATEWAY_OWNER"  # the mark runners/launch.py puts in every ch
 # -- registry -----------------------------------------------------------------------------
 def build_registry(root: Path) -> str:
     """alpha, beta, gamma: v1 → 1.0, v2 → 2.0, v3 broken; live → 1, canary → 2."""
-    warnings.filterwarnings("ignore")
-    import mlflow
-    import pandas as pd
-    from mlflow import MlflowClient
-    from sklearn.dummy import DummyRegressor
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("bench-soak",
-                                          artifact_location=(root / "artifacts").as_uri())
-    mlflow.set_experiment(experiment_id=experiment)
-    x = pd.DataFrame({"x": [0.0, 1.0]})
+    uri, client = constant_registry(root, "bench-soak", MODELS, (1.0, 2.0, 3.0))
     for model in MODELS:
-        for constant in (1.0, 2.0, 3.0):
-            with mlflow.start_run():
-                mlflow.sklearn.log_model(DummyRegressor(strategy="constant", constant=constant)
-                                         .fit(x, [0, 0]), name="model", input_example=x,
-                                         registered_model_name=model)
-        _break(client.get_model_version_download_uri(model, BROKEN))
+        break_version(client, model, BROKEN)
         for alias, version in ALIASES.items():
             client.set_registered_model_alias(model, alias, version)
     return uri
-
-
-def _break(artifact_uri: str) -> None:
-    """Delete everything but MLmodel (as tests/registry.py does): loading the model fails."""
-    for item in Path(urlparse(artifact_uri).path).iterdir():
-        if item.name != "MLmodel":
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
 # -- the gateway of a given tree ----------------------------------------------------------

@@ -47,6 +47,9 @@ class Gateway:
         self.webhooks: WebhookVerifier | None = None
         app = Starlette(routes=self.routes(), lifespan=self.lifespan,
                         exception_handlers={HTTPException: _http_error, Exception: _server_error})
+        # No redirect to the path with(out) a trailing slash: Starlette would build it from
+        # the caller's Host header.
+        app.router.redirect_slashes = False
         self.proxy = ModelProxy(app, self.pool, self.metrics)
         self.apply(config)
         self.ready = False
@@ -109,13 +112,22 @@ class Gateway:
         return JSONResponse({"status": "ready", "endpoints": len(self.pool.endpoints)})
 
     async def list_models(self, request: Request) -> Response:
-        return JSONResponse({"endpoints": [ep.status() for ep in self.pool.endpoints.values()]})
+        """The endpoints the caller may call (all, when no api keys are set); process
+        details and output lines only in the admin API."""
+        policy, key = self.proxy.settings.policy, request.headers.get("authorization")
+        visible = [ep.status(details=False) for ep in self.pool.endpoints.values()
+                   if policy.allows(ep.key, key)]
+        if not visible and not policy.open:
+            return _unauthorized()
+        return JSONResponse({"endpoints": visible})
 
     async def model_status(self, request: Request) -> Response:
         ep = self.pool.endpoints.get((request.path_params["name"], request.path_params["alias"]))
         if ep is None:
             return not_declared()
-        return JSONResponse(ep.status())
+        if not self.proxy.settings.policy.allows(ep.key, request.headers.get("authorization")):
+            return _unauthorized()
+        return JSONResponse(ep.status(details=False))
 
     async def webhook(self, request: Request) -> Response:
         if self.webhooks is None:
@@ -148,6 +160,11 @@ class Gateway:
         ]
 
 
+def _unauthorized() -> Response:
+    return json_error(401, "unauthorized", "a valid api key is required",
+                      {"WWW-Authenticate": 'Bearer realm="model-gateway"'})
+
+
 async def _http_error(request: Request, exc: Any) -> Response:
     assert isinstance(exc, HTTPException)
     # Never echo the raw path back: a generic message per status.
@@ -157,7 +174,7 @@ async def _http_error(request: Request, exc: Any) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s", request.url.path)
+    log.exception("unhandled error on %r", request.url.path)
     return json_error(500, "internal_error", "internal error")
 
 

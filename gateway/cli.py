@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import sys
 
 from .config import ConfigError, GatewayConfig, load_config
@@ -18,6 +19,14 @@ def _config_path(arg: str | None) -> str:
     return arg or os.environ.get("MODEL_GATEWAY_CONFIG") or DEFAULT_CONFIG
 
 
+def _use_all_file_descriptors() -> None:
+    """Every connection is a file descriptor: take the hard limit, as nginx's
+    worker_rlimit_nofile does, so that limits.max_connections is what caps them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(config: GatewayConfig, config_path: str | None = None) -> int:
     """Serve until SIGTERM/SIGINT; then drain, stop every runner and return 0."""
     import uvicorn
@@ -26,6 +35,7 @@ def run(config: GatewayConfig, config_path: str | None = None) -> int:
     from .protocol import server_protocol
     from .server import GatewayServer
 
+    _use_all_file_descriptors()
     app, gateway = build_app(config, config_path=config_path)
     drains = [s.drain_timeout for s in config.endpoint_specs()] or [config.defaults.drain_timeout]
     drain = max(drains)

@@ -48,6 +48,16 @@ def parse_duration(value: Any) -> float:
     return float(match[1]) * _UNITS[match[2]]
 
 
+def parse_residency(value: Any) -> float | None:
+    """``auto`` (None: as long as the runner took to start) or a duration."""
+    if value == "auto" or value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError(f"must be auto or a duration such as 2s, not {value!r}") from None
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 _NAME = r"^[^/:]+$"  # MLflow allows every character in a model name but '/' and ':'
@@ -62,13 +72,23 @@ class ServerConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
 
 
+class LimitsConfig(_Strict):
+    """What one client may cost the gateway; every phase of a request has a deadline."""
+
+    max_connections: int = Field(4096, ge=1)  # more are closed as they arrive
+    header_timeout: Duration = Field(10.0, gt=0)  # the whole request head, from its 1st byte
+    body_timeout: Duration = Field(30.0, gt=0)  # a request body that stalls this long
+    send_timeout: Duration = Field(30.0, gt=0)  # a caller that reads nothing this long
+
+
 class PoolConfig(_Strict):
     max_runners: int = Field(8, ge=1)
     idle_timeout: Duration = 600.0
     queue_timeout: Duration = 30.0
     memory_limit: Size = 0
     health_interval: Duration = Field(10.0, gt=0)
-    min_residency: Duration = 2.0
+    min_residency: Annotated[float | None, BeforeValidator(parse_residency)] = None
+    runner_tcp: bool = False  # runners also listen on a loopback TCP port (benchmarks)
 
 
 class AuthConfig(_Strict):
@@ -115,6 +135,7 @@ class GatewayConfig(_Strict):
     max_body_size: Size = Field(64 * 2**20, ge=1)  # 413 beyond it, chunked bodies too
     max_header_size: Size = Field(64 * 2**10, ge=1)  # 431 beyond it
     server: ServerConfig = ServerConfig()
+    limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
     pool: PoolConfig = PoolConfig()
     defaults: EndpointDefaults = EndpointDefaults()
@@ -141,6 +162,7 @@ class GatewayConfig(_Strict):
                         memory_limit=self.pool.memory_limit,
                         health_interval=self.pool.health_interval,
                         min_residency=self.pool.min_residency,
+                        runner_tcp=self.pool.runner_tcp,
                         env_cache_dir=self.env_cache_dir, tracking_uri=self.tracking_uri,
                         registry_uri=self.registry_uri)
 

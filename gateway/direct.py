@@ -55,11 +55,13 @@ class ServerConnection(Protocol):
 
 class DirectExchange:
     __slots__ = ("body", "chunks", "conn", "connection", "deadline", "disconnected", "ep",
-                 "proxy", "request", "runner", "scope", "started", "timer")
+                 "loop", "proxy", "request", "runner", "scope", "started", "timer")
 
     def __init__(self, connection: ServerConnection, proxy: ModelProxy, scope: Scope,
-                 ep: Endpoint, request: IncomingRequest) -> None:
+                 ep: Endpoint, request: IncomingRequest,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.connection = connection
+        self.loop = loop
         self.proxy = proxy
         self.scope = scope
         self.ep = ep
@@ -95,7 +97,7 @@ class DirectExchange:
         if conn is None:  # relay() connects, on the runner already bound
             self.connection.fall_back(self._relay, self.body)
             return
-        self.timer = asyncio.get_running_loop().call_later(timeout, self.answered)
+        self.timer = self.loop.call_later(timeout, self.answered)
         conn.listener = self.answered
         runner.client.send(conn, self.request, self.body)
 

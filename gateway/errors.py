@@ -17,6 +17,7 @@ import math
 from starlette.responses import JSONResponse
 
 from runners import PoolBusy, ReadTimeout, RunnerError, RunnerStartError, TransportError
+from runners.errors import summary
 
 from .types import Send
 
@@ -54,7 +55,7 @@ def map_error(exc: BaseException, label: str) -> Refusal:
     if isinstance(exc, (RunnerStartError, PoolBusy)):
         retry = str(max(1, math.ceil(exc.retry_after))).encode()
         code = "pool_busy" if isinstance(exc, PoolBusy) else "runner_unavailable"
-        return 503, code, f"{label}: {exc}", [(b"retry-after", retry)]
+        return 503, code, f"{label}: {summary(str(exc))}", [(b"retry-after", retry)]
     if isinstance(exc, ReadTimeout):
         return 504, "runner_timeout", f"{label}: the runner did not answer in time", []
     if isinstance(exc, TransportError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -19,6 +20,21 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "color
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD and v is not None}
+
+
+_PLAIN = re.compile(r"[\w.:/@%+,=-]+")
+
+
+_plain = _PLAIN.fullmatch
+
+
+def _quoted(value: object) -> str:
+    """A field value as text that cannot forge another field or line: as it is when
+    plain, else JSON-quoted (spaces, quotes, control and non-ASCII characters escaped)."""
+    if type(value) in (int, float):
+        return str(value)
+    text = str(value)
+    return text if text.isascii() and _plain(text) else json.dumps(text)
 
 
 class _Formatter(logging.Formatter):
@@ -55,7 +71,7 @@ class TextFormatter(_Formatter):
             message = f"[{endpoint}{'@v' + str(version) if version else ''}] {message}"
         line = f"{self.formatTime(record)} {record.levelname} {record.name} {message}"
         if extra:
-            line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+            line += " " + " ".join(f"{k}={_quoted(v)}" for k, v in extra.items())
         trace = self._exception(record)
         return f"{line}\n{trace}" if trace else line
 

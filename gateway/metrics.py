@@ -94,6 +94,9 @@ class GatewayMetrics(PoolEvents):
                                      "Failed registry re-resolutions", registry=r)
         self.webhooks = Counter("model_gateway_webhook_deliveries_total",
                                 "Registry webhook deliveries", ["result"], registry=r)
+        self.client_errors = Counter("model_gateway_client_errors_total",
+                                     "Requests and connections refused or cut at the HTTP "
+                                     "edge, by reason", ["reason"], registry=r)
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def watch(self, pool: RunnerPool) -> None:
@@ -112,6 +115,10 @@ class GatewayMetrics(PoolEvents):
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def client_error(self, reason: str) -> None:
+        """The edge refused a request or dropped a connection (a limit or a deadline)."""
+        self.client_errors.labels(reason).inc()
 
     # -- PoolEvents -----------------------------------------------------------------------
     def cold_start(self, ep: Endpoint, seconds: float, ok: bool) -> None:

@@ -124,16 +124,19 @@ class ModelProxy:
             await send_error(send, status, code, message, [*extra, request_id])
             self.record(scope, ep, None, status, started, request.request_id)
             return
-        status = 500
+        status, runner = 500, None
         try:
-            runner = await self.pool.acquire(ep)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON answer
-            status, code, message, extra = map_error(exc, ep.label)
-            await send_error(send, status, code, message, [*extra, request_id])
-            self.record(scope, ep, None, status, started, request.request_id)
-            return
-        try:
-            status = await self._forward(request, receive, send, ep, runner, settings)
+            # A body that fits in memory is read before a runner is bound: a caller that
+            # stalls mid-body holds no runner (and the edge's body_timeout ends it).
+            body = await _request_body(request, receive, settings.max_body_size)
+            try:
+                runner = await self.pool.acquire(ep)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON answer
+                status, code, message, extra = map_error(exc, ep.label)
+                await send_error(send, status, code, message, [*extra, request_id])
+                return
+            deadline = time.monotonic() + ep.spec.request_timeout
+            status = await self.relay(request, body, send, ep, runner, deadline)
         except BodyTooLarge:
             status = 413
             await send_error(send, status, "body_too_large", "request body exceeds "
@@ -141,21 +144,9 @@ class ModelProxy:
         except ClientDisconnected:
             status = 499  # nobody is left to answer
         finally:
-            self.pool.release(ep, runner)
+            if runner is not None:
+                self.pool.release(ep, runner)
             self.record(scope, ep, runner, status, started, request.request_id)
-
-    async def _forward(self, request: IncomingRequest, receive: Receive, send: Send,
-                       ep: Endpoint, runner: Runner, settings: ProxySettings) -> int:
-        body: bytes | AsyncIterator[bytes]
-        length = request.content_length
-        if length is not None and length <= SMALL_BODY:
-            body = await _read_body(receive)
-        elif request.method in ("POST", "PUT"):
-            body = _stream_body(receive, settings.max_body_size)
-        else:
-            body = b""
-        deadline = time.monotonic() + ep.spec.request_timeout
-        return await self.relay(request, body, send, ep, runner, deadline)
 
     async def relay(self, request: IncomingRequest, body: bytes | AsyncIterator[bytes],
                     send: Send, ep: Endpoint, runner: Runner, deadline: float,
@@ -191,33 +182,51 @@ class ModelProxy:
         seconds = time.perf_counter() - started
         self.metrics.observe_request(ep.spec.name, ep.spec.alias, status, seconds)
         if self.access_log.enabled():
-            self.access_log.add((scope["method"], scope["path"], status), {
-                "method": scope["method"], "route": scope["path"],
+            # The raw path, not the decoded one: %0A must not start a log line of its own.
+            route = (scope.get("raw_path") or b"").decode("ascii", "backslashreplace") \
+                or scope["path"]
+            self.access_log.add((scope["method"], route, status), {
+                "method": scope["method"], "route": route,
                 "endpoint": ep.label, "version": runner.version if runner else None,
                 "status": status, "duration_ms": round(seconds * 1000, 2),
                 "request_id": request_id.decode("latin-1")})
 
 
-async def _read_body(receive: Receive) -> bytes:
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise ClientDisconnected()
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body"):
-        return body  # the usual case: the whole body in one message
-    chunks = [body]
+async def _request_body(request: IncomingRequest, receive: Receive, limit: int
+                        ) -> bytes | AsyncIterator[bytes]:
+    """The request's body: whole when it is at most SMALL_BODY (with or without a
+    Content-Length), else an iterator that streams it (the part read so far first)."""
+    length = request.content_length
+    if length is None and request.method not in ("POST", "PUT"):
+        return b""
+    if length is not None and length > SMALL_BODY:
+        return _stream_body(receive, limit, [])
+    chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected()
-        chunks.append(message.get("body", b""))
+        chunk: bytes = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
         if not message.get("more_body"):
-            return b"".join(chunks)
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if size > SMALL_BODY:  # chunked and large: stream it from here
+            if size > limit:
+                raise BodyTooLarge()
+            return _stream_body(receive, limit, chunks)
 
 
-async def _stream_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
-    """The request body as it arrives; past ``limit`` bytes, BodyTooLarge (no buffering)."""
+async def _stream_body(receive: Receive, limit: int, first: list[bytes]
+                       ) -> AsyncIterator[bytes]:
+    """The request body as it arrives, after ``first``; past ``limit`` bytes in all,
+    BodyTooLarge (no buffering)."""
     total = 0
+    for chunk in first:
+        total += len(chunk)
+        if chunk:
+            yield chunk
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

@@ -9,6 +9,7 @@ framing headers).
 from __future__ import annotations
 
 import random
+import re
 from urllib.parse import unquote
 
 from .types import Scope
@@ -23,6 +24,9 @@ REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"expect", b"x-forwarded-for",
                              b"x-request-id", b"authorization"}
 
 _ids = random.Random()  # request ids need to be unique, not secret: no syscall per request
+# A caller's request id is kept when it is short and plain (UUIDs, trace ids, base64): it
+# is echoed in answers and written to logs. Anything else gets a new one.
+SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}")
 
 
 def parse_route(raw_path: bytes) -> tuple[str, str, str] | None:
@@ -55,7 +59,8 @@ class IncomingRequest:
             size += len(key) + len(value) + 4
             if key in REQUEST_DROP:
                 if key == b"x-request-id":
-                    request_id = request_id or value  # the first one
+                    if request_id is None:  # the first one, if it is safe
+                        request_id = value if SAFE_REQUEST_ID.fullmatch(value) else b""
                 elif key == b"x-forwarded-for":
                     forwarded = value  # the last one
                 elif key == b"content-length":

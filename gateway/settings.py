@@ -17,8 +17,16 @@ class ProxySettings:
     policy: InferencePolicy
     max_body_size: int = 64 * 2**20
     max_header_size: int = 64 * 2**10
+    max_connections: int = 4096
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    send_timeout: float = 30.0
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> ProxySettings:
+        limits = config.limits
         return cls(policy=config.inference_policy(), max_body_size=config.max_body_size,
-                   max_header_size=config.max_header_size)
+                   max_header_size=config.max_header_size,
+                   max_connections=limits.max_connections,
+                   header_timeout=limits.header_timeout, body_timeout=limits.body_timeout,
+                   send_timeout=limits.send_timeout)

@@ -1,7 +1,7 @@
 """RunnerClient: the one HTTP client of one runner, for proxying, health checks and warm-up.
 
-It keeps idle keep-alive connections (``runners.connection``) to the runner's abstract
-unix socket when it has one, else to its TCP port. Three ways to use it:
+It keeps idle keep-alive connections (``runners.connection``) to the runner's unix
+socket when it has one, else to its TCP port. Three ways to use it:
 
 - :meth:`RunnerClient.request`: a whole request and a whole answer (``/ping``, the
   warm-up prediction); the connection is released before it returns.
@@ -18,7 +18,6 @@ Every failure is one of the transport errors of ``runners.errors``.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -105,11 +104,12 @@ class Response:
 class RunnerClient:
     """Idle keep-alive connections to one runner, most recently used first."""
 
-    def __init__(self, host: str, port: int, *, unix: str | None = None) -> None:
+    def __init__(self, host: str, port: int | None, *, unix: str | None = None) -> None:
         self.host = host
         self.port = port
         self.unix = unix
-        self.host_header = b"host: %s:%d\r\n" % (host.encode(), port)
+        self.host_header = b"host: %s:%d\r\n" % (host.encode(), port) if port \
+            else b"host: %s\r\n" % host.encode()
         self._idle: list[RunnerConnection] = []
 
     async def request(self, method: str, path: str, *, body: bytes = b"",
@@ -206,7 +206,7 @@ class RunnerClient:
         return None
 
     async def _connect(self, timeout: float) -> RunnerConnection:
-        where = f"@{self.unix}" if self.unix else f"{self.host}:{self.port}"
+        where = self.unix or f"{self.host}:{self.port}"
         try:
             async with asyncio.timeout(max(timeout, 0.001)):
                 return await (self._connect_unix(self.unix) if self.unix else self._connect_tcp())
@@ -216,22 +216,15 @@ class RunnerClient:
             raise ConnectError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
 
     async def _connect_tcp(self) -> RunnerConnection:
+        if self.port is None:
+            raise ConnectionRefusedError(111, "the runner has no TCP port")
         _, conn = await asyncio.get_running_loop().create_connection(
             lambda: RunnerConnection(self), self.host, self.port)
         return conn
 
-    async def _connect_unix(self, name: str) -> RunnerConnection:
-        # uvloop refuses abstract names by path (EINVAL): connect the socket first.
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, "\0" + name)
-            _, conn = await loop.create_unix_connection(lambda: RunnerConnection(self),
-                                                        sock=sock)
-        except BaseException:
-            sock.close()
-            raise
+    async def _connect_unix(self, path: str) -> RunnerConnection:
+        _, conn = await asyncio.get_running_loop().create_unix_connection(
+            lambda: RunnerConnection(self), path)
         return conn
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backoff import backoff
+from .errors import summary
 from .registry import Resolved
 from .runner import Runner
 from .spec import EndpointSpec
@@ -297,7 +298,8 @@ class Endpoint:
 
     # -- what status shows ----------------------------------------------------------------
     def status(self, *, details: bool = True) -> dict[str, Any]:
-        """The endpoint's state; ``details``: runner processes and last error (admin)."""
+        """The endpoint's state. ``details`` (the admin API): its runner processes, and
+        the last error with the runner's output lines; else only its first line."""
         runner, cutover = self.runner, self.cutover
         pending = cutover.runner if cutover else None
         out: dict[str, Any] = {
@@ -311,6 +313,7 @@ class Endpoint:
             "pending_version": cutover.version if cutover else None,
             "pending_state": _name(cutover.phase) if cutover else None,
             "failed_version": self.failed_version,
+            "last_error": self.last_error if details else summary(self.last_error),
             "retry_in": round(self.backing_off(), 1) if self.state is State.FAILED else None,
             "last_poll": self.last_poll,
             "last_poll_error": self.last_poll_error,
@@ -319,5 +322,4 @@ class Endpoint:
         if details:
             out["runner"] = runner.describe() if runner else None
             out["pending_runner"] = pending.describe() if pending else None
-            out["last_error"] = self.last_error
         return out

@@ -70,9 +70,14 @@ class _Steps:
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
 
     def error(self, reason: str) -> EnvBuildError:
+        """The failure: the reason and the tool's last line (uv's and pip's verdict, e.g.
+        which requirement cannot be found) on the first line, what a caller is told; the
+        output after it, for the admin API and the log."""
         lines = "\n".join(self.output)
-        return EnvBuildError(f"{self.what}: {reason}" + (f"; last output:\n{lines}" if lines
-                                                         else ""), retry_after=5)
+        verdict = self.output[-1].strip(" ×╰─▶│") if self.output else ""
+        first = f"{self.what}: {reason}" + (f" ({verdict})" if verdict else "")
+        return EnvBuildError(first + (f"\nlast output:\n{lines}" if lines else ""),
+                             retry_after=5)
 
     async def run(self, argv: list[str], cwd: Path | None = None) -> str:
         """Run ``argv`` to completion; its output (also kept in ``output``) is returned."""

@@ -19,6 +19,12 @@ The gateway maps these to HTTP statuses in one place (``gateway.errors.map_error
 from __future__ import annotations
 
 
+def summary(text: str | None) -> str | None:
+    """The first line of a failure's message: what a caller may be told. The lines after
+    it (a runner's output: tracebacks, file paths) are for the admin API and the log."""
+    return text.split("\n", 1)[0] if text else text
+
+
 class RunnerError(Exception):
     """Base class for every error of the process side."""
 

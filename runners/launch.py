@@ -56,26 +56,27 @@ class LaunchSpec:
     label: str  # the endpoint, name/alias
     version: str | None  # the registry version it serves, if any
     model_uri: str  # what it loads: a pinned models:/ URI, a path, a downloaded copy
-    port: int
     launcher: str  # fork | direct | env | cli
     env: Mapping[str, str] = field(repr=False)
+    port: int | None = None  # a loopback TCP port: `cli` runners, or pool.runner_tcp
+    socket: str | None = None  # a filesystem unix socket in the pool's private directory
     workers: int = 1
     request_timeout: float = 60.0
-    socket: str | None = None  # an abstract unix socket name (see runner_socket)
     python: Path | None = None  # a built environment's interpreter
     env_manager: str = "local"
 
     @property
     def title(self) -> str:
         version = f" v{self.version}" if self.version else ""
-        return f"model-gateway runner {self.label}{version} port {self.port}"
+        port = f" port {self.port}" if self.port else ""
+        return f"model-gateway runner {self.label}{version}{port}"
 
     def serve_options(self) -> ServeOptions:
         # The runner gives up a little after the gateway's request_timeout: the caller gets
         # the gateway's own JSON 504, not MLflow's plain-text one racing it.
         timeout = math.ceil(self.request_timeout) + RUNNER_TIMEOUT_SLACK
-        return ServeOptions(model_uri=self.model_uri, port=self.port, workers=self.workers,
-                            timeout=timeout, abstract_socket=self.socket, title=self.title)
+        return ServeOptions(model_uri=self.model_uri, port=self.port, unix_socket=self.socket,
+                            workers=self.workers, timeout=timeout, title=self.title)
 
     def argv(self) -> list[str]:
         """The command line of every launcher but ``fork``."""
@@ -108,17 +109,20 @@ def effective_launcher(spec: EndpointSpec) -> str:
     return spec.launcher if spec.env_manager == "local" else "env"
 
 
-def runner_socket(spec: EndpointSpec, port: int) -> str | None:
-    """The abstract unix socket a runner serves the gateway on, beside its TCP port.
+def needs_tcp(spec: EndpointSpec, pool: PoolSpec) -> bool:
+    """Whether a runner listens on a TCP port: `mlflow models serve` has nothing else;
+    ``pool.runner_tcp`` asks for one (to call runners directly, e.g. in benchmarks)."""
+    return effective_launcher(spec) == "cli" or pool.runner_tcp
 
-    Only runners that ``runners.serve`` runs in one process have it (not the CLI's, not
-    several workers), and only on Linux: abstract names need no file to create or clean
-    up. A unix socket costs both sides less per request than TCP over loopback.
+
+def uses_socket(spec: EndpointSpec, pool: PoolSpec) -> bool:
+    """Whether a runner listens on a unix socket: every one ``runners.serve`` runs, except
+    several workers asked to use TCP (uvicorn's workers share one listener).
+
+    A filesystem socket in the pool's own directory (mode 0700) is reachable by the
+    gateway's user only, and costs both sides less per request than TCP over loopback.
     """
-    if not sys.platform.startswith("linux") or spec.workers != 1 \
-            or effective_launcher(spec) == "cli":
-        return None
-    return f"model-gateway/{os.getpid()}/{port}"
+    return effective_launcher(spec) != "cli" and not (spec.workers > 1 and pool.runner_tcp)
 
 
 def runner_env(pool: PoolSpec, owner: str) -> dict[str, str]:

@@ -6,8 +6,9 @@
 - **Capacity**: ``max_runners`` and ``memory_limit`` count live runners and cold starts
   under way (a cutover's green may exceed them by itself while it starts). A start that
   does not fit evicts the least recently used idle runner; a runner is never chosen
-  while requests wait for it, nor within ``min_residency`` of becoming ready, so that an
-  over-committed pool serves between starts instead of thrashing.
+  while requests wait for it, nor before it has served for as long as it took to start
+  (``min_residency``), so that an over-committed pool serves between starts instead of
+  thrashing.
 - The rest lives beside it: cold starts (``starter``), the helper processes
   (``supervisor``), idle eviction, memory and health (``housekeeping``), cutovers
   (``watcher``).
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
@@ -30,7 +33,7 @@ from .forked import Zygote
 from .housekeeping import Housekeeping
 from .launch import Fork, LaunchSpec, RunnerProcess, effective_launcher, runner_env
 from .ports import PortAllocator
-from .process import find_leftovers, kill_group
+from .process import find_leftovers, kill_group, runtime_dir
 from .registry import RegistryClient, Resolved, needs_registry
 from .runner import Runner
 from .spec import EndpointSpec, PoolSpec
@@ -62,6 +65,8 @@ class RunnerPool:
         self.starter = RunnerStarter(self)
         self.housekeeping = Housekeeping(self)
         self.runners: set[Runner] = set()  # every runner whose process may be alive
+        self.socket_dir = runtime_dir(owner)
+        self._sockets = itertools.count(1)
         self._reserved: list[int] = []  # expected bytes of cold starts not launched yet
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -71,6 +76,7 @@ class RunnerPool:
         for pgid in find_leftovers(self.owner):
             log.warning("stopping leftover process group %s of an earlier gateway", pgid)
             kill_group(pgid, signal.SIGKILL)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)  # an earlier gateway's sockets
         # Before any runner: the watchdog must hold every group.
         await self.supervisor.running(self.watchdog, HELPER_TIMEOUT)
         self._supervise_helpers()
@@ -104,6 +110,7 @@ class RunnerPool:
             if runner.pid:
                 self.watchdog.unwatch(runner.pid)
         await self.supervisor.close()
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """A background task the pool keeps a reference to and cancels on close."""
@@ -145,6 +152,11 @@ class RunnerPool:
         zygote = await self.supervisor.running(self.zygote, HELPER_TIMEOUT)
         return await zygote.fork(spec)
 
+    def socket_path(self) -> str:
+        """A new runner's unix socket, in the pool's private directory."""
+        self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return str(self.socket_dir / f"runner-{next(self._sockets)}.sock")
+
     def adopt(self, ep: Endpoint, runner: Runner) -> None:
         """``runner`` is the pool's from now on: counted, and reaped when it exits."""
         self.runners.add(runner)
@@ -155,7 +167,8 @@ class RunnerPool:
         close this is cancelled; close() stops every runner itself.)"""
         await runner.exited.wait()
         self.runners.discard(runner)
-        self.ports.release(runner.port)
+        if runner.port is not None:
+            self.ports.release(runner.port)
         self._notify_slot()
         ep.last_output = runner.tail()
         self.notice_exit(ep, runner)
@@ -256,17 +269,24 @@ class RunnerPool:
                 and runner.in_flight == 0 and ep.waiters == 0 and ep.cutover is None
                 and not runner.stopping)
 
+    def _residency_left(self, runner: Runner, now: float) -> float:
+        """Seconds until ``runner`` may be evicted for a start: ``min_residency`` after it
+        became ready, or by default as long as it took to start."""
+        ready = runner.ready_at or now
+        stay = self.spec.min_residency
+        if stay is None:
+            stay = ready - (runner.launched_at or ready)
+        return stay - (now - ready)
+
     def _victim(self, now: float) -> tuple[Runner | None, float]:
         """The least recently used runner that may be evicted for a start, and else how
         long until one leaves its minimum residency (inf: none will)."""
         candidates = [ep.runner for ep in self.endpoints.values() if self.evictable(ep)]
-        settled = [r for r in candidates if r is not None
-                   and now - (r.ready_at or now) >= self.spec.min_residency]
+        left = {r: self._residency_left(r, now) for r in candidates if r is not None}
+        settled = [r for r, wait in left.items() if wait <= 0]
         if settled:
             return min(settled, key=lambda r: r.last_used), 0.0
-        waits = [self.spec.min_residency - (now - (r.ready_at or now))
-                 for r in candidates if r is not None]
-        return None, min(waits, default=float("inf"))
+        return None, min(left.values(), default=float("inf"))
 
     @contextlib.asynccontextmanager
     async def reserve(self, ep: Endpoint) -> AsyncIterator[None]:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import hashlib
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -43,6 +45,15 @@ async def spawn(argv: list[str], env: dict[str, str], *,
         start_new_session=True,
         preexec_fn=preexec,
     )
+
+
+def runtime_dir(owner: str) -> Path:
+    """The directory of a gateway's runner sockets: one per owner (a restarted gateway
+    finds its predecessor's), under XDG_RUNTIME_DIR or the temporary directory, made
+    private (0700) when the pool first uses it."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    digest = hashlib.sha256(f"{os.getuid()}:{owner}".encode()).hexdigest()[:16]
+    return Path(base) / f"model-gateway-{digest}"
 
 
 def kill_group(pid: int, sig: int) -> bool:

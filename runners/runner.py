@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import os
 import re
 import signal
 import time
@@ -45,6 +47,7 @@ class Runner:
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
         self.causes: collections.deque[str] = collections.deque(maxlen=4)  # exception lines
         self.started_at: float | None = None
+        self.launched_at: float | None = None  # monotonic, when start() was called
         self.ready_at: float | None = None  # monotonic
         self.last_used = time.monotonic()  # reset when ready: used from when it serves
         self.in_flight = 0
@@ -75,8 +78,7 @@ class Runner:
         return self.ready_at is not None and not self.stopping and not self.exited.is_set()
 
     def describe(self) -> dict[str, object]:
-        return {"pid": self.pid, "port": self.port,
-                "unix_socket": "@" + self.socket if self.socket else None,
+        return {"pid": self.pid, "port": self.port, "unix_socket": self.socket,
                 "version": self.version,
                 "started_at": self.started_at, "in_flight": self.in_flight,
                 "memory_bytes": self.memory}
@@ -99,6 +101,7 @@ class Runner:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
+        self.launched_at = time.monotonic()
         self._proc = await start_process(self.launch, self._fork)
         self.started_at = time.time()
         self._tasks = [
@@ -128,15 +131,16 @@ class Runner:
         raise RunnerStartError(self.failure(f"runner not ready after {timeout:.0f}s"))
 
     def failure(self, reason: str) -> str:
-        """``reason``, what caused it when the output names an exception, and the last
-        output lines, for status and error answers. The first exception of a traceback is
-        its cause; wrappers (`mlflow models serve`'s own traceback) come after it."""
+        """``reason`` and, when the output names an exception, what caused it, on the first
+        line (what callers are told); then the last output lines (for the admin API and
+        the log). The first exception of a traceback is its cause; wrappers (`mlflow
+        models serve`'s own traceback) come after it."""
         tail = self.tail(TAIL_LINES)
-        cause = next((line for line in self.causes if line not in tail), None)
+        cause = next(iter(self.causes), None)
         if cause is not None:
             reason = f"{reason} ({cause})"
         lines = "\n".join(tail)
-        return f"{reason}; last output:\n{lines}" if lines else reason
+        return f"{reason}\nlast output:\n{lines}" if lines else reason
 
     async def _read_output(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
@@ -172,6 +176,9 @@ class Runner:
             # The leader is gone; make sure nothing else in its group outlives it.
             kill_group(self._proc.pid, signal.SIGKILL)
         self.client.close()
+        if self.socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket)
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def kill(self, reason: str | None = None) -> None:

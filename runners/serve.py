@@ -26,11 +26,11 @@ PR_SET_NAME = 15
 @dataclass(frozen=True)
 class ServeOptions:
     model_uri: str
-    port: int
+    port: int | None = None  # a loopback TCP port, when anything needs one
+    unix_socket: str | None = None  # a filesystem socket only the gateway's user reaches
     host: str = "127.0.0.1"
     workers: int = 1
     timeout: int = 60  # MLflow's own request timeout, seconds
-    abstract_socket: str | None = None  # also serve on this abstract unix socket (Linux)
     title: str | None = None  # the process title ps shows
 
     def argv(self) -> list[str]:
@@ -68,15 +68,19 @@ def run(options: ServeOptions) -> int:
     os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(options.timeout)
     import mlflow.artifacts
 
+    if options.port is None and options.unix_socket is None:
+        raise SystemExit("runners.serve: give --port, --unix-socket or both")
     local_path = mlflow.artifacts.download_artifacts(options.model_uri)
     if options.workers > 1:
         # Several workers need an import string; MLflow's app module reads the model path
-        # from this variable, exactly as `mlflow models serve` arranges it.
+        # from this variable, exactly as `mlflow models serve` arranges it. uvicorn's
+        # workers share one listener: the socket, or else the port.
         from mlflow.pyfunc import scoring_server
 
         os.environ[scoring_server._SERVER_MODEL_PATH] = local_path
-        os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "--host", options.host,
-                                  "--port", str(options.port), "--workers",
+        where = ["--uds", options.unix_socket] if options.unix_socket else \
+            ["--host", options.host, "--port", str(options.port)]
+        os.execv(sys.executable, [sys.executable, "-m", "uvicorn", *where, "--workers",
                                   str(options.workers), "--no-access-log", "--no-proxy-headers",
                                   "mlflow.pyfunc.scoring_server.app:app"])
 
@@ -86,12 +90,14 @@ def run(options: ServeOptions) -> int:
     app = scoring_server.init(load_model(local_path))
     # Only the gateway calls a runner: X-Forwarded-For means nothing to it, and reading it
     # would cost every request a little.
-    config = uvicorn.Config(app, host=options.host, port=options.port, access_log=False,
+    config = uvicorn.Config(app, host=options.host, port=options.port or 0, access_log=False,
                             proxy_headers=False, log_level="info")
-    sockets = [config.bind_socket()]  # as uvicorn.run would, and also the unix socket
-    if options.abstract_socket:
+    sockets = []
+    if options.port is not None:
+        sockets.append(config.bind_socket())  # as uvicorn.run would
+    if options.unix_socket:
         unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        unix.bind("\0" + options.abstract_socket)
+        unix.bind(options.unix_socket)
         sockets.append(unix)
     uvicorn.Server(config).run(sockets=sockets)
     return 0
@@ -100,12 +106,11 @@ def run(options: ServeOptions) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runners.serve")
     parser.add_argument("--model-uri", required=True)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--unix-socket", help="serve on this filesystem socket")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=60)
-    parser.add_argument("--abstract-socket", help="also serve on this abstract unix socket "
-                                                  "(Linux; one worker only)")
     parser.add_argument("--title", help="the process title")
     return run(ServeOptions(**vars(parser.parse_args(argv))))
 

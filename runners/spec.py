@@ -37,7 +37,10 @@ class PoolSpec:
     queue_timeout: float = 30.0
     memory_limit: int = 0  # bytes for all runners together; 0 disables the budget
     health_interval: float = 10.0  # seconds between /ping checks of idle runners
-    min_residency: float = 2.0  # a new runner is not evicted for a start before this
+    # A new runner is not evicted for a start before it served this long; None: as long
+    # as it took to start (a start is only worth it if the runner then serves for as long).
+    min_residency: float | None = None
+    runner_tcp: bool = False  # runners listen on TCP too (cli runners always do)
     tracking_uri: str | None = None
     registry_uri: str | None = None
     env_cache_dir: str | None = None  # None: environment.default_cache_dir()

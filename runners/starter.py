@@ -28,7 +28,14 @@ from .endpoint import Endpoint, Phase, State
 from .environment import default_cache_dir, prepare_environment
 from .errors import PoolBusy, ResolveError, RunnerError, RunnerStartError, StartBackoff
 from .events import PoolEvents
-from .launch import LaunchSpec, RunnerProcess, effective_launcher, model_env_vars, runner_socket
+from .launch import (
+    LaunchSpec,
+    RunnerProcess,
+    effective_launcher,
+    model_env_vars,
+    needs_tcp,
+    uses_socket,
+)
 from .ports import PortAllocator
 from .registry import Resolved
 from .runner import Runner
@@ -54,6 +61,8 @@ class StartHost(Protocol):
     def reserve(self, ep: Endpoint) -> AbstractAsyncContextManager[None]: ...
 
     def adopt(self, ep: Endpoint, runner: Runner) -> None: ...
+
+    def socket_path(self) -> str: ...
 
     async def fork(self, spec: LaunchSpec) -> RunnerProcess: ...
 
@@ -186,12 +195,12 @@ class RunnerStarter:
             on_phase(Phase.STARTING)
             env, model_path = model_env_vars(host.env, python), str(model_dir)
         for attempt in (1, 2):
-            port = host.ports.acquire()
+            port = host.ports.acquire() if needs_tcp(ep.spec, host.spec) else None
+            socket = host.socket_path() if uses_socket(ep.spec, host.spec) else None
             spec = LaunchSpec(label=ep.label, version=target.version, model_uri=model_path,
-                              port=port, launcher=launcher, env=env, workers=ep.spec.workers,
-                              request_timeout=ep.spec.request_timeout,
-                              socket=runner_socket(ep.spec, port), python=python,
-                              env_manager=ep.spec.env_manager)
+                              port=port, socket=socket, launcher=launcher, env=env,
+                              workers=ep.spec.workers, request_timeout=ep.spec.request_timeout,
+                              python=python, env_manager=ep.spec.env_manager)
             runner = Runner(ep.spec, spec, host.fork, model_uri=target.uri)
             host.adopt(ep, runner)
             if on_runner is not None:
@@ -211,8 +220,8 @@ class RunnerStarter:
             except BaseException:
                 await runner.stop(grace=2)
                 raise
-            log.info("endpoint %s version %s ready on port %s in %.1fs", ep.label,
-                     target.version or "-", runner.port, time.time() - (runner.started_at or 0))
+            log.info("endpoint %s version %s ready in %.1fs (pid %s)", ep.label,
+                     target.version or "-", time.time() - (runner.started_at or 0), runner.pid)
             return runner
         raise AssertionError("unreachable")
 

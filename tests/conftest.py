@@ -57,13 +57,24 @@ def runner_processes(owner: str) -> list[psutil.Process]:
     return [p for p in owned_processes(owner) if is_runner(p)]
 
 
+ADMIN_TOKEN = "admin-token-of-the-test-suite"
+
+
 class GatewayProcess:
-    """`model-gateway serve` as a user starts it, on a free port, with a config we write."""
+    """`model-gateway serve` as a user starts it, on a free port, with a config we write.
+
+    A config without ``auth`` gets an admin token, so that :meth:`status` can show runner
+    details (the admin API's); a test about auth sets its own.
+    """
 
     def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None
                  ) -> None:
         self.port = free_port()
         self.env = env or {}
+        if "auth" not in config:
+            config = {**config, "auth": {"admin_tokens": [ADMIN_TOKEN]}}
+        tokens = config["auth"].get("admin_tokens") or []
+        self.admin = {"Authorization": f"Bearer {tokens[0]}"} if tokens else None
         config = {**config, "server": {"host": "127.0.0.1", "port": self.port}}
         self.config_path = workdir / f"gateway-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -92,8 +103,16 @@ class GatewayProcess:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-20000:]
 
+    def endpoints(self) -> list[dict[str, Any]]:
+        """Every endpoint's status; with runner details when there is an admin token."""
+        if self.admin is None:
+            return self.client.get("/models").json()["endpoints"]
+        return self.client.get("/admin/endpoints", headers=self.admin).json()["endpoints"]
+
     def status(self, name: str, alias: str) -> dict[str, Any]:
-        return self.client.get(f"/models/{name}/{alias}").json()
+        if self.admin is None:
+            return self.client.get(f"/models/{name}/{alias}").json()
+        return next(e for e in self.endpoints() if (e["name"], e["alias"]) == (name, alias))
 
     def predict(self, name: str, alias: str, payload: Any, headers: dict[str, str] | None = None,
                 **kw: Any) -> httpx.Response:
@@ -118,6 +137,21 @@ class GatewayProcess:
             except (ProcessLookupError, PermissionError):
                 pass
         return self.proc.returncode
+
+
+def split_answers(data: bytes, methods: list[str]) -> list[tuple[int, dict[str, str], bytes]]:
+    """``data`` (what one connection received) split into one Content-Length framed answer
+    per request method: (status, lower-case headers, body); nothing may be left over."""
+    answers = []
+    for method in methods:
+        head, data = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
+        size = 0 if method == "HEAD" else int(headers["content-length"])
+        answers.append((int(lines[0].split()[1]), headers, data[:size]))
+        data = data[size:]
+    assert data == b"", data[:200]
+    return answers
 
 
 def metric(gw: GatewayProcess, series: str, /, **labels: str) -> float:

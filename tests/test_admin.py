@@ -40,7 +40,7 @@ def test_admin_routes_need_an_admin_token(start_gateway: Any) -> None:
 
 
 def test_admin_routes_are_closed_without_admin_tokens(start_gateway: Any) -> None:
-    gw = start_gateway([const("a")])
+    gw = start_gateway([const("a")], auth={})
     for path in ["/admin/endpoints", "/admin/endpoints/const/a/logs"]:
         answer = gw.client.get(path, headers=BEARER)
         assert answer.status_code == 403 and answer.json()["error"]["code"] == "admin_disabled"
@@ -55,7 +55,7 @@ def test_start_logs_stop_and_listing(start_gateway: Any) -> None:
     listing = gw.client.get("/admin/endpoints", headers=BEARER).json()
     assert listing["live_runners"] == 1
     a = next(e for e in listing["endpoints"] if e["alias"] == "a")
-    assert a["runner"]["pid"] and a["runner"]["port"] and a["runner"]["in_flight"] == 0
+    assert a["runner"]["pid"] and a["runner"]["unix_socket"] and a["runner"]["in_flight"] == 0
     logs = gw.client.get("/admin/endpoints/const/a/logs?lines=5", headers=BEARER).json()
     assert 1 <= len(logs["lines"]) <= 5
     assert any("Uvicorn running" in line for line in logs["lines"]) or logs["lines"]

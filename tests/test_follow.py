@@ -172,7 +172,7 @@ def test_stage_follows_and_admin_reload_forces_it(start_gateway: Any, registry: 
 
 
 def test_reload_route_is_closed_without_admin_tokens(start_gateway: Any) -> None:
-    gw = start_gateway([{"name": "const", "alias": "live"}])
+    gw = start_gateway([{"name": "const", "alias": "live"}], auth={})
     refused = gw.client.post("/models/const/live/reload",
                              headers={"Authorization": f"Bearer {ADMIN}"})
     assert refused.status_code == 403

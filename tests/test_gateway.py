@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import GatewayProcess, owned_processes, runner_processes, wait_for
+from tests.conftest import (
+    GatewayProcess,
+    owned_processes,
+    runner_processes,
+    split_answers,
+    wait_for,
+)
 from tests.registry import IRIS_COLUMNS, Registry
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
@@ -117,28 +124,31 @@ def test_cli_launcher_serves_the_same_protocol(gw: GatewayProcess) -> None:
     assert len(status["runner"]) and status["state"] == "ready"
 
 
-def _unix_sockets_named(name: str) -> int:
-    """Sockets bound to the abstract name ``@name``: a listener plus one per accepted
-    connection (/proc/net/unix lists them with their path)."""
+def _unix_sockets_at(path: str) -> int:
+    """Sockets bound to ``path``: a listener plus one per accepted connection
+    (/proc/net/unix lists them with their path)."""
     lines = Path("/proc/net/unix").read_text().splitlines()[1:]
-    return sum(1 for line in lines if line.split()[-1] == f"@{name}")
+    return sum(1 for line in lines if line.split()[-1] == path)
 
 
 def test_runner_is_reached_over_its_unix_socket(gw: GatewayProcess) -> None:
-    """Runners started by runners.serve (fork, direct) also listen on an abstract unix
-    socket, and the proxy uses it; `mlflow models serve` has none and is reached by TCP."""
+    """Runners started by runners.serve (fork, direct) listen on a unix socket in a
+    directory only the gateway's user can enter, and on no TCP port; `mlflow models
+    serve` has no socket and is reached by TCP."""
     launcher = yaml.safe_load(gw.config_path.read_text())["defaults"]["launcher"]
     assert gw.predict("iris", "cli", IRIS).status_code == 200
-    assert gw.status("iris", "cli")["runner"]["unix_socket"] is None
+    cli = gw.status("iris", "cli")["runner"]
+    assert cli["unix_socket"] is None and cli["port"]
     # Checked right after a request: an idle connection is closed after a few seconds.
     assert gw.predict("iris", "champion", IRIS).status_code == 200
     runner = gw.status("iris", "champion")["runner"]
     if launcher == "cli":
         assert runner["unix_socket"] is None
         return
-    name = runner["unix_socket"].removeprefix("@")
-    assert name == f"model-gateway/{gw.proc.pid}/{runner['port']}"
-    assert _unix_sockets_named(name) >= 2  # listening, and the gateway's connection accepted
+    path = runner["unix_socket"]
+    assert runner["port"] is None
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+    assert _unix_sockets_at(path) >= 2  # listening, and the gateway's connection accepted
 
 
 def _writes(pid: int) -> int:
@@ -176,16 +186,7 @@ def _answers(sock: socket.socket, methods: list[str]) -> list[tuple[int, dict[st
     data = b""
     while chunk := sock.recv(65536):
         data += chunk
-    answers = []
-    for method in methods:
-        head, data = data.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
-        size = 0 if method == "HEAD" else int(headers["content-length"])
-        answers.append((int(lines[0].split()[1]), headers, data[:size]))
-        data = data[size:]
-    assert data == b"", data[:200]
-    return answers
+    return split_answers(data, methods)
 
 
 def test_pipelined_requests_are_answered_in_order(gw: GatewayProcess) -> None:

@@ -13,7 +13,8 @@ PACKAGES = ("gateway", "runners")
 MAX_LINES = 400
 # Names outside uvicorn's public API; only gateway/protocol.py may use them.
 UVICORN_PRIVATE = ("httptools_impl", "HttpToolsProtocol", "RequestResponseCycle",
-                   "_start_asgi_task", "server_state", "on_response_complete")
+                   "_start_asgi_task", "server_state", "on_response_complete",
+                   "_unset_keepalive_if_required")
 
 
 def modules() -> dict[str, Path]:

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -50,7 +51,7 @@ def const_endpoints(*aliases: str, **extra: Any) -> list[dict[str, Any]]:
 
 
 def test_max_runners_evicts_the_least_recently_used_idle_runner(start_gateway: Any) -> None:
-    gw = start_gateway(const_endpoints(*ALIASES), pool={"max_runners": 2})
+    gw = start_gateway(const_endpoints(*ALIASES), pool={"max_runners": 2, "min_residency": 0})
     with Sampler(gw.owner) as sampler:
         for alias in ["a", "b", "a", "c", "a", "b", "c"]:
             answer = gw.predict("const", alias, X)
@@ -219,10 +220,8 @@ def test_many_endpoints_random_traffic(start_gateway: Any) -> None:
     assert statuses.count(200) >= 8
     assert max(sampler.counts) <= 4, max(sampler.counts)
     assert peak_memory <= 2 * 2**30
-    ports = {e["runner"]["port"] for e in gw.client.get("/models").json()["endpoints"]
-             if e["runner"]}
-    assert len(ports) == len(runner_processes(gw.owner))  # no two runners on one port
+    sockets = {e["runner"]["unix_socket"] for e in gw.endpoints() if e["runner"]}
+    assert len(sockets) == len(runner_processes(gw.owner))  # no two runners on one socket
     assert gw.stop() == 0
     assert owned_processes(gw.owner) == []
-    listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
-    assert not ports & listening  # every runner port was released
+    assert not any(Path(s).exists() for s in sockets)  # every runner socket was removed

@@ -1,6 +1,6 @@
 """A tiny HTTP/1.1 server standing in for a runner in the fast tests: no MLflow.
 
-    python tests/tiny_runner.py --port P [--abstract-socket NAME]
+    python tests/tiny_runner.py [--port P] [--unix-socket PATH]
 
 It answers ``GET /ping`` (200), ``GET /health`` and ``GET /version``, and echoes
 ``POST /invocations``: ``{"body": <the request body>, "headers": {<lower-case name>:
@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
@@ -107,14 +106,14 @@ class Exchange(asyncio.Protocol):
         self.transport.write(data + (b"" if method == "HEAD" else payload))
 
 
-async def main(port: int, abstract: str | None) -> None:
+async def main(port: int | None, path: str | None) -> None:
     loop = asyncio.get_running_loop()
-    servers = [await loop.create_server(Exchange, "127.0.0.1", port)]
-    if abstract:
-        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        unix.bind("\0" + abstract)
-        servers.append(await loop.create_unix_server(Exchange, sock=unix))
-    print(f"tiny runner serving on port {port}", flush=True)
+    servers = []
+    if port is not None:
+        servers.append(await loop.create_server(Exchange, "127.0.0.1", port))
+    if path:
+        servers.append(await loop.create_unix_server(Exchange, path))
+    print(f"tiny runner serving on {path or port}", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
@@ -128,13 +127,13 @@ async def fork(spec: LaunchSpec) -> asyncio.subprocess.Process:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--abstract-socket")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--unix-socket")
     parser.add_argument("--model-uri")  # what runners.serve takes; ignored here
     parser.add_argument("--title")
     args, _ = parser.parse_known_args()
     try:
-        asyncio.run(main(args.port, args.abstract_socket))
+        asyncio.run(main(args.port, args.unix_socket))
     except KeyboardInterrupt:
         sys.exit(0)
 

@@ -237,4 +237,6 @@ def test_status_hides_process_details_unless_asked() -> None:
     ep = in_state(State.READY)
     assert ep.status()["runner"]["port"] == 1
     assert "runner" not in ep.status(details=False)
-    assert "last_error" not in ep.status(details=False)
+    ep.version_failed("2", "runner exited with code 1\nlast output:\nTraceback /secret/path")
+    assert ep.status()["last_error"].endswith("/secret/path")
+    assert ep.status(details=False)["last_error"] == "runner exited with code 1"

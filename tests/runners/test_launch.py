@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from runners.launch import SERVE_SCRIPT, LaunchSpec, effective_launcher, runner_socket
+from runners.launch import SERVE_SCRIPT, LaunchSpec, effective_launcher, needs_tcp, uses_socket
 from runners.runner import Runner
 from runners.serve import ServeOptions, main
-from runners.spec import EndpointSpec
+from runners.spec import EndpointSpec, PoolSpec
 
 SPEC = EndpointSpec(name="churn", alias="champion", model_uri="models:/churn@champion",
                     request_timeout=30)
@@ -25,9 +25,9 @@ def launch(launcher: str, **extra: object) -> LaunchSpec:
 
 
 def test_serve_options_survive_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    options = launch("direct", socket="model-gateway/1/5001").serve_options()
+    options = launch("direct", socket="/run/gw/runner-1.sock").serve_options()
     assert options == ServeOptions(model_uri="models:/churn/7", port=5001, timeout=35,
-                                   abstract_socket="model-gateway/1/5001",
+                                   unix_socket="/run/gw/runner-1.sock",
                                    title="model-gateway runner churn/champion v7 port 5001")
     seen: list[ServeOptions] = []
     monkeypatch.setattr("runners.serve.run", lambda o: seen.append(o) or 0)
@@ -48,12 +48,17 @@ def test_each_launcher_makes_its_own_command() -> None:
     assert cli[cli.index("--workers") + 1] == "2" and cli[cli.index("--timeout") + 1] == "35"
 
 
-def test_which_runners_get_an_abstract_socket() -> None:
+def test_which_runners_listen_on_a_socket_and_which_on_tcp() -> None:
+    pool, with_tcp = PoolSpec(), PoolSpec(runner_tcp=True)
+    cli = EndpointSpec(**{**vars(SPEC), "launcher": "cli"})
+    workers = EndpointSpec(**{**vars(SPEC), "workers": 2})
     assert effective_launcher(SPEC) == "fork"
     assert effective_launcher(EndpointSpec(**{**vars(SPEC), "env_manager": "uv"})) == "env"
-    assert runner_socket(SPEC, 5001) is not None
-    assert runner_socket(EndpointSpec(**{**vars(SPEC), "workers": 2}), 5001) is None
-    assert runner_socket(EndpointSpec(**{**vars(SPEC), "launcher": "cli"}), 5001) is None
+    assert (uses_socket(SPEC, pool), needs_tcp(SPEC, pool)) == (True, False)
+    assert (uses_socket(SPEC, with_tcp), needs_tcp(SPEC, with_tcp)) == (True, True)
+    assert (uses_socket(cli, pool), needs_tcp(cli, pool)) == (False, True)
+    assert (uses_socket(workers, pool), needs_tcp(workers, pool)) == (True, False)
+    assert (uses_socket(workers, with_tcp), needs_tcp(workers, with_tcp)) == (False, True)
 
 
 async def _no_fork(spec: LaunchSpec) -> object:
@@ -74,6 +79,8 @@ def test_a_failure_names_its_cause_even_when_it_scrolled_out_of_the_tail() -> No
     for line in lines:
         runner.keep_output(line)
     message = runner.failure("runner exited with code 1")
-    assert message.startswith("runner exited with code 1 (ModuleNotFoundError: No module "
-                              "named 'xgboost'); last output:\n")
-    assert message.count("\n") == 20 and message.endswith("returned non-zero exit status 1.")
+    first, rest = message.split("\n", 1)
+    assert first == ("runner exited with code 1 (ModuleNotFoundError: No module named "
+                     "'xgboost')")  # what a caller is told; the rest is for the admin API
+    assert rest.startswith("last output:\n") and rest.count("\n") == 20
+    assert rest.endswith("returned non-zero exit status 1.")
