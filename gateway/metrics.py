@@ -42,6 +42,9 @@ class _PoolCollector(Collector):
         in_flight = GaugeMetricFamily("model_gateway_requests_in_flight",
                                       "Requests bound to the endpoint's runners",
                                       labels=["name", "alias"])
+        waiting = GaugeMetricFamily("model_gateway_requests_waiting",
+                                    "Requests waiting for a runner of the endpoint (queued)",
+                                    labels=["name", "alias"])
         memory = GaugeMetricFamily("model_gateway_runner_memory_bytes",
                                    "Memory (PSS) of the endpoint's serving runner",
                                    labels=["name", "alias", "version"])
@@ -52,11 +55,13 @@ class _PoolCollector(Collector):
             green = ep.cutover.runner if ep.cutover else None
             runners = [r for r in (ep.runner, green) if r is not None]
             in_flight.add_metric([name, alias], float(sum(r.in_flight for r in runners)))
+            waiting.add_metric([name, alias], float(ep.waiters))
             if ep.runner is not None:
                 memory.add_metric([name, alias, ep.runner.version or "-"],
                                   float(ep.runner.memory))
         yield state
         yield in_flight
+        yield waiting
         yield memory
         live = GaugeMetricFamily("model_gateway_live_runners", "Runner processes alive")
         live.add_metric([], float(len(self.pool.runners)))

@@ -179,8 +179,8 @@ def test_kubernetes_validate_has_schemas_for_the_version() -> None:
 def test_rendered_manifests_pass_kubernetes_validate_strict(variant: str) -> None:
     docs = render(*VARIANTS[variant])
     expected = ["ConfigMap", "Deployment", "Service", "Service", "ServiceAccount"]
-    if variant == "full":  # existingSecret: no Secret of the chart's own
-        expected += ["HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget",
+    if variant == "full":  # existingSecret: no Secret of the chart's own; a dashboard
+        expected += ["ConfigMap", "HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget",
                      "ServiceMonitor"]
     assert kinds(docs) == sorted(expected)
     for doc in docs:

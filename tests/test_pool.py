@@ -199,6 +199,7 @@ def test_many_endpoints_random_traffic(start_gateway: Any) -> None:
     stop_at = time.monotonic() + 60
     statuses: list[int] = []
     peak_memory = 0.0
+    peak_waiting = 0.0
 
     def client(seed: int) -> None:
         local = random.Random(seed)
@@ -213,6 +214,10 @@ def test_many_endpoints_random_traffic(start_gateway: Any) -> None:
         futures = [pool.submit(client, rng.randrange(10**6)) for _ in range(4)]
         while time.monotonic() < stop_at:
             peak_memory = max(peak_memory, metric(gw, "model_gateway_pool_memory_bytes"))
+            # Nearly every request is a cold start: some always wait for a runner.
+            peak_waiting = max(peak_waiting, sum(
+                metric(gw, "model_gateway_requests_waiting", name="const", alias=a)
+                for a in aliases))
             time.sleep(1)
         for f in futures:
             f.result()
@@ -220,6 +225,9 @@ def test_many_endpoints_random_traffic(start_gateway: Any) -> None:
     assert statuses.count(200) >= 8
     assert max(sampler.counts) <= 4, max(sampler.counts)
     assert peak_memory <= 2 * 2**30
+    assert peak_waiting >= 1
+    assert all(metric(gw, "model_gateway_requests_waiting", name="const", alias=a) == 0
+               for a in aliases)  # nothing left counted once the clients are done
     sockets = {e["runner"]["unix_socket"] for e in gw.endpoints() if e["runner"]}
     assert len(sockets) == len(runner_processes(gw.owner))  # no two runners on one socket
     assert gw.stop() == 0
