@@ -6,9 +6,16 @@
 #   docker run --rm -p 8080:8080 -e MLFLOW_TRACKING_URI=https://mlflow.example.com \
 #       -v "$PWD/my-gateway.yaml:/etc/model-gateway/gateway.yaml:ro" model-gateway
 #
+# An air-gapped image that serves a bundle (frozen models, no registry; README "Bundles"):
+#
+#   model-gateway bundle --config my-gateway.yaml --out bundle
+#   docker build --target bundle -t model-gateway-frozen .     # --build-arg BUNDLE=<dir>
+#
 # Stage 1 builds the project's wheel from this repository (not from an index) and
 # installs it, with its dependencies from PyPI, into a virtualenv at /opt/model-gateway.
-# Stage 2 copies only that virtualenv onto a slim Python: no compiler, no sources.
+# Stage 2 (gateway) copies only that virtualenv onto a slim Python: no compiler, no
+# sources. Stage 3 (bundle) adds a bundle to it; the last stage, the default image, is
+# stage 2 as it is.
 # The root filesystem may be read-only: everything written at run time goes under
 # /var/cache/model-gateway, $HOME (/home/gateway) or /tmp; mount those writable.
 
@@ -24,7 +31,7 @@ RUN python -m venv /opt/model-gateway \
     && /opt/model-gateway/bin/pip install --no-cache-dir /dist/*.whl "uv==0.13.9"
 
 
-FROM python:3.11-slim-bookworm
+FROM python:3.11-slim-bookworm AS gateway
 
 # tini runs as PID 1 and reaps orphans. The gateway starts runner processes in their own
 # sessions, and `mlflow models serve` (the cli launcher) starts grandchildren through
@@ -72,3 +79,17 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
 # Exec form: SIGTERM from `docker stop` or the kubelet reaches tini, which passes it on.
 ENTRYPOINT ["/usr/bin/tini", "--", "model-gateway"]
 CMD ["serve"]
+
+
+# The gateway with a bundle in it: every endpoint serves its frozen copy, env_manager
+# local, with no registry to reach. BUNDLE is a directory of the build context (the
+# .dockerignore lets in bundle/ only).
+FROM gateway AS bundle
+ARG BUNDLE=bundle
+COPY ${BUNDLE} /srv/model-gateway/bundle
+ENV MODEL_GATEWAY_BUNDLE=/srv/model-gateway/bundle \
+    MODEL_GATEWAY_CONFIG=/srv/model-gateway/bundle/gateway.yaml
+
+
+# The default image (a build without --target): the gateway, configured at run time.
+FROM gateway

@@ -111,10 +111,17 @@ async def _deaf(port: int, stop: float, lifetimes: list[float]) -> None:
     sock.close()
 
 
+TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # Linux tcp_states.h
+
+
 def _reset(sock: socket.socket) -> bool:
-    """Whether the gateway dropped the connection: the socket has an error pending (the
-    reset), without reading any of the data waiting in it."""
-    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+    """Whether the gateway dropped the connection, without reading any of the data waiting
+    in the socket: an error pending (a reset), or the gateway's FIN received (the socket
+    is in CLOSE_WAIT; TCP_INFO's first byte is the state)."""
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0:
+        return True
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] in (TCP_CLOSE,
+                                                                           TCP_CLOSE_WAIT)
 
 
 async def attack(port: int, slow: int, deaf: int, seconds: float) -> dict[str, list[float]]:

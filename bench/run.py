@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import coldstart, cutover, hostile, many_models, proxy, soak
+from bench import coldstart, cutover, hostile, many_models, peers, proxy, soak
 from bench.harness import Options, add_options, exit_on_sigterm, options_from, save_result
 
 SECTIONS: dict[str, Callable[[Options], str]] = {
@@ -30,6 +30,7 @@ SECTIONS: dict[str, Callable[[Options], str]] = {
     "coldstart": coldstart.run,
     "cutover": cutover.run,
     "many_models": many_models.run,
+    "peers": lambda options: peers.run(dataclasses.replace(options, rounds=10)),
     # Sections whose duration means something else keep their own.
     "soak": lambda options: soak.run(dataclasses.replace(options, duration=300.0)),
     "hostile": lambda options: hostile.run(dataclasses.replace(options, duration=30.0)),

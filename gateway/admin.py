@@ -26,11 +26,15 @@ class AdminAPI:
     """``tokens`` returns the admin tokens in force (a reload may change them)."""
 
     def __init__(self, pool: RunnerPool, watcher: VersionWatcher, reloader: ConfigReloader,
-                 tokens: Callable[[], TokenSet]) -> None:
+                 tokens: Callable[[], TokenSet],
+                 relay: Callable[[str, str | None], bool] = lambda action, model: False
+                 ) -> None:
+        """``relay``: pass an action on to the peer gateways (``?all=true``)."""
         self.pool = pool
         self.watcher = watcher
         self.reloader = reloader
         self.tokens = tokens
+        self.relay = relay
 
     def _refused(self, request: Request) -> Response | None:
         tokens = self.tokens()
@@ -63,12 +67,14 @@ class AdminAPI:
                              "pool_memory_bytes": self.pool.memory})
 
     async def reload_endpoint(self, request: Request, ep: Endpoint) -> Response:
-        """Re-resolve now; ``?wait=true`` answers after the cutover (if any) is done."""
-        if request.query_params.get("wait") in ("1", "true", "yes"):
+        """Re-resolve now; ``?wait=true`` answers after the cutover (if any) is done;
+        ``?all=true`` has the peers re-resolve the same model too."""
+        relayed = _yes(request, "all") and self.relay("refresh", ep.spec.name)
+        if _yes(request, "wait"):
             await self.watcher.refresh(ep, force=True)
-            return JSONResponse(ep.status())
+            return JSONResponse({**ep.status(), "relayed_to_peers": relayed})
         self.watcher.refresh_now(ep)
-        return JSONResponse(ep.status(), status_code=202)
+        return JSONResponse({**ep.status(), "relayed_to_peers": relayed}, status_code=202)
 
     async def start_endpoint(self, request: Request, ep: Endpoint) -> Response:
         """Warm an endpoint up: answers once its runner is ready (or failed)."""
@@ -98,6 +104,8 @@ class AdminAPI:
         except ConfigError as exc:
             return JSONResponse({"error": {"code": "invalid_config", "message": str(exc),
                                            "errors": exc.errors}}, status_code=400)
+        # ?all=true: each peer reloads its own config file once this one took.
+        summary["relayed_to_peers"] = _yes(request, "all") and self.relay("reload", None)
         return JSONResponse(summary)
 
     def routes(self) -> list[Route]:
@@ -113,3 +121,7 @@ class AdminAPI:
             # The route the follow-the-registry issue started with; same as admin reload.
             Route("/models/{name}/{alias}/reload", g(self.reload_endpoint), methods=["POST"]),
         ]
+
+
+def _yes(request: Request, name: str) -> bool:
+    return request.query_params.get(name) in ("1", "true", "yes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,16 +15,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runners import Fork, RunnerPool, VersionWatcher
+from runners import EventFanout, Fork, RunnerPool, VersionWatcher
 
 from .admin import AdminAPI
 from .auth import TokenSet
 from .config import ConfigError, GatewayConfig
 from .errors import json_error, not_declared
+from .history import History
 from .metrics import CONTENT_TYPE, GatewayMetrics
+from .peers import RELAY_PATH, SIGNATURE, Peers, PeerVerifier, own_hosts
 from .proxy import ModelProxy, access_logger
 from .reload import ConfigReloader
 from .settings import ProxySettings
+from .status_page import StatusPage
 from .webhooks import WebhookRejected, WebhookVerifier
 
 log = logging.getLogger("model_gateway")
@@ -37,20 +41,28 @@ class Gateway:
         """``fork``: where the fork launcher's runners come from (default: the zygote)."""
         self.owner = owner or f"gateway@{config.server.host}:{config.server.port}"
         self.metrics = GatewayMetrics()
+        self.history = History()  # what the status page draws
         self.pool = RunnerPool(config.pool_spec(), config.endpoint_specs(), self.owner,
-                               events=self.metrics, fork=fork)
+                               events=EventFanout(self.metrics, self.history), fork=fork)
         self.metrics.watch(self.pool)
+        self.history.watch(self.pool)
         self.watcher = VersionWatcher(self.pool)
         self.reloader = ConfigReloader(self.pool, self.watcher, config, config_path, self.apply)
-        self.admin = AdminAPI(self.pool, self.watcher, self.reloader, lambda: self.admin_tokens)
+        self.admin = AdminAPI(self.pool, self.watcher, self.reloader, lambda: self.admin_tokens,
+                              self.relay)
         self.admin_tokens = TokenSet([])
+        self.status_page = StatusPage(self.pool, self.history, lambda: self.proxy.settings.policy,
+                                      lambda: self.admin_tokens)
         self.webhooks: WebhookVerifier | None = None
+        self.instance = uuid.uuid4().hex  # this process, in its relays to peers
+        self.peers: Peers | None = None
+        self.peer_verifier: PeerVerifier | None = None
         app = Starlette(routes=self.routes(), lifespan=self.lifespan,
                         exception_handlers={HTTPException: _http_error, Exception: _server_error})
         # No redirect to the path with(out) a trailing slash: Starlette would build it from
         # the caller's Host header.
         app.router.redirect_slashes = False
-        self.proxy = ModelProxy(app, self.pool, self.metrics)
+        self.proxy = ModelProxy(app, self.pool, self.metrics, self.history)
         self.apply(config)
         self.ready = False
         self._hangup = asyncio.Event()
@@ -64,6 +76,27 @@ class Gateway:
         if self.webhooks is None or self.webhooks.secret != config.webhook_secret:
             self.webhooks = WebhookVerifier(config.webhook_secret) if config.webhook_secret \
                 else None
+        secret = config.peer_secret
+        if self.peer_verifier is None or self.peer_verifier.secret != secret:
+            self.peer_verifier = PeerVerifier(secret) if secret else None
+        self.peers = None
+        if config.peers.enabled and not secret:
+            log.warning("peers are set, but neither peers.secret nor webhook_secret is: "
+                        "nothing is relayed to them (relays must be signed)")
+        elif config.peers.enabled and secret:
+            self.peers = Peers(config.peers.addresses, config.peers.dns, secret,
+                               config.server.port, own_hosts(config.server.host),
+                               self.instance, self._count_relay)
+
+    def _count_relay(self, result: str) -> None:
+        self.metrics.peer_relays.labels("sent", result).inc()
+
+    def relay(self, action: str, model: str | None) -> bool:
+        """Relay to the peers (without waiting for them); False when there are none."""
+        if self.peers is None:
+            return False
+        self.peers.relay(action, model)
+        return True
 
     def hangup(self) -> None:
         """SIGHUP arrived (called from the signal handler): only record it."""
@@ -85,6 +118,7 @@ class Gateway:
         await self.pool.start()
         self.watcher.start()
         self.pool.spawn(self._reload_on_hangup(), "sighup-reload")
+        self.pool.spawn(self.history.run(), "status-history")
         self.ready = True
         log.info("gateway ready with %d endpoints", len(self.pool.endpoints))
         if not self.admin_tokens:
@@ -95,6 +129,8 @@ class Gateway:
             yield
         finally:
             self.ready = False
+            if self.peers is not None:
+                await self.peers.close()
             await self.watcher.close()
             await self.pool.close()
             log.info("gateway stopped; all runners stopped")
@@ -143,6 +179,38 @@ class Gateway:
         hits = self.watcher.trigger(event.model_name) if event.model_name else []
         log.info("webhook %s.%s for model %r: re-resolving %d endpoint(s)", event.entity,
                  event.action, event.model_name, len(hits))
+        if event.model_name:
+            self.relay("refresh", event.model_name)
+        return JSONResponse({"refreshing": [ep.label for ep in hits]})
+
+    async def peer_relay(self, request: Request) -> Response:
+        """A peer's relay: re-resolve a model (or all) now, or reload the config."""
+        if self.peer_verifier is None:
+            return json_error(404, "peers_disabled", "no peers.secret or webhook_secret is "
+                                                     "configured")
+        try:
+            message = self.peer_verifier.verify(request.headers.get(SIGNATURE),
+                                                await request.body())
+        except WebhookRejected as exc:
+            self.metrics.peer_relays.labels("received", "rejected").inc()
+            log.warning("peer relay rejected: %s", exc)
+            return json_error(exc.status, exc.code, str(exc))
+        self.metrics.peer_relays.labels("received", "accepted").inc()
+        if message.origin == self.instance:  # listed among its own peers: nothing to do
+            return JSONResponse({"refreshing": []})
+        if message.action == "reload":
+            try:
+                return JSONResponse(await self.reloader.reload())
+            except ConfigError as exc:
+                return json_error(400, "invalid_config", str(exc))
+        if message.model is not None:
+            hits = self.watcher.trigger(message.model)
+        else:
+            hits = [ep for ep in self.pool.endpoints.values() if ep.target.follows]
+            for ep in hits:
+                self.watcher.refresh_now(ep)
+        log.info("peer relay: re-resolving %d endpoint(s) of model %r", len(hits),
+                 message.model)
         return JSONResponse({"refreshing": [ep.label for ep in hits]})
 
     async def metrics_route(self, request: Request) -> Response:
@@ -156,7 +224,9 @@ class Gateway:
             Route("/models", self.list_models, methods=["GET"]),
             Route("/models/{name}/{alias}", self.model_status, methods=["GET"]),
             Route("/hooks/mlflow", self.webhook, methods=["POST"]),
+            Route(RELAY_PATH, self.peer_relay, methods=["POST"]),
             *self.admin.routes(),
+            *self.status_page.routes(),
         ]
 
 

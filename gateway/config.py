@@ -67,9 +67,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _url_prefix(value: Any) -> Any:
+    """``/team/models-gw`` (or ``""``): every route is served under it. A trailing slash
+    is dropped; anything but plain path segments is refused."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        return value
+    value = value.rstrip("/")
+    if value and not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+        raise ValueError("must be a path such as /team/gateway: '/'-separated segments of "
+                         "letters, digits and ._~-")
+    return value
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # Behind a proxy that forwards /<prefix>/… unchanged (ADSP's url prefix): every route,
+    # the status page included, is served under it.
+    url_prefix: Annotated[str, BeforeValidator(_url_prefix)] = ""
 
 
 class LimitsConfig(_Strict):
@@ -89,6 +106,28 @@ class PoolConfig(_Strict):
     health_interval: Duration = Field(10.0, gt=0)
     min_residency: Annotated[float | None, BeforeValidator(parse_residency)] = None
     runner_tcp: bool = False  # runners also listen on a loopback TCP port (benchmarks)
+
+
+def _peer_address(value: Any) -> Any:
+    """``http://host:port``: a peer gateway's base URL, nothing after the port."""
+    if isinstance(value, str):
+        value = value.rstrip("/")
+        if not re.fullmatch(r"http://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:\d{1,5})?", value):
+            raise ValueError(f"{value!r}: expected http://host:port (a peer's base URL)")
+    return value
+
+
+class PeersConfig(_Strict):
+    """How to find the other replicas, to relay webhooks and reloads to them."""
+
+    addresses: list[Annotated[str, BeforeValidator(_peer_address)]] = Field(
+        default_factory=list)
+    dns: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]+$")  # every A record, server.port
+    secret: str | None = None  # authenticates relays; webhook_secret when empty
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.addresses or self.dns)
 
 
 class AuthConfig(_Strict):
@@ -137,6 +176,7 @@ class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
+    peers: PeersConfig = PeersConfig()
     pool: PoolConfig = PoolConfig()
     defaults: EndpointDefaults = EndpointDefaults()
     endpoints: list[EndpointConfig] = Field(default_factory=list)
@@ -151,6 +191,10 @@ class GatewayConfig(_Strict):
             values["model_uri"] = ep.model_uri or f"models:/{ep.name}@{ep.alias}"
             specs.append(EndpointSpec(**values))
         return specs
+
+    @property
+    def peer_secret(self) -> str | None:
+        return self.peers.secret or self.webhook_secret or None
 
     def inference_policy(self) -> InferencePolicy:
         return InferencePolicy(self.auth.api_keys, [((e.name, e.alias), e.public, e.api_keys)

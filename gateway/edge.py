@@ -10,9 +10,12 @@ what it is waiting on: a head, a stalled body, or a caller that does not read.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable
 
 END_OF_HEAD = b"\r\n\r\n"
+# SO_LINGER on with 0 s: closing sends a reset and drops what is still unsent.
+LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class HeadMeter:

@@ -99,6 +99,9 @@ class GatewayMetrics(PoolEvents):
                                      "Failed registry re-resolutions", registry=r)
         self.webhooks = Counter("model_gateway_webhook_deliveries_total",
                                 "Registry webhook deliveries", ["result"], registry=r)
+        self.peer_relays = Counter("model_gateway_peer_relays_total",
+                                   "Relays to and from peer gateways, by direction and result",
+                                   ["direction", "result"], registry=r)
         self.client_errors = Counter("model_gateway_client_errors_total",
                                      "Requests and connections refused or cut at the HTTP "
                                      "edge, by reason", ["reason"], registry=r)

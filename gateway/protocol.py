@@ -20,9 +20,11 @@ ASGI path, which is complete on its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
+import socket
 import urllib.parse
 from types import SimpleNamespace
 from typing import Any, cast
@@ -36,7 +38,7 @@ except ImportError:  # a uvicorn without them serves the plain path (fast_path_p
 
 from .coalescing import CoalescingTransport
 from .direct import DirectExchange
-from .edge import Deadline, HeadMeter
+from .edge import LINGER_RESET, Deadline, HeadMeter
 from .proxy import ModelProxy
 from .request import PROXIED, parse_route
 from .types import ASGIApp
@@ -322,6 +324,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _send_timed_out(self) -> None:
         self._count("send_timeout")
         self._refused = True
+        # A reset, not a FIN that would wait behind the unread answers in the kernel's
+        # buffers (nginx's reset_timedout_connection): the caller learns it at once.
+        with contextlib.suppress(OSError, AttributeError):
+            self.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         self.transport.abort()  # uvicorn's connection_lost releases whatever waits to send
 
     def _refuse(self, status: int, code: str, message: str, *, own: bool = False) -> None:
@@ -363,7 +370,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return None
         parsed = httptools.parse_url(self.url)
         raw_path = self.root_path.encode("ascii") + parsed.path
-        route = parse_route(raw_path)
+        route = parse_route(raw_path, proxy.settings.url_prefix)
         if route is None or route[2] not in PROXIED:
             return None
         # The scope the ASGI path would build: the access line and, if the request

@@ -16,6 +16,8 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 
+from starlette.responses import Response
+
 from runners import (
     Endpoint,
     ReadTimeout,
@@ -28,7 +30,8 @@ from runners import (
 
 from .access import AccessLog
 from .auth import InferencePolicy
-from .errors import Refusal, map_error, send_error
+from .errors import Refusal, json_error, map_error, send_error
+from .history import History
 from .metrics import GatewayMetrics
 from .request import PROXIED, IncomingRequest, parse_route
 from .settings import ProxySettings
@@ -46,10 +49,12 @@ class ModelProxy:
     ``settings`` is swapped whole on a config reload; each request reads it once.
     """
 
-    def __init__(self, app: ASGIApp, pool: RunnerPool, metrics: GatewayMetrics) -> None:
+    def __init__(self, app: ASGIApp, pool: RunnerPool, metrics: GatewayMetrics,
+                 history: History) -> None:
         self.app = app
         self.pool = pool
         self.metrics = metrics
+        self.history = history  # what the status page draws
         self.settings = ProxySettings(policy=InferencePolicy([], []))
         self._identities: weakref.WeakKeyDictionary[Runner, list[tuple[bytes, bytes]]] = \
             weakref.WeakKeyDictionary()
@@ -57,11 +62,31 @@ class ModelProxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            route = parse_route(scope.get("raw_path") or scope["path"].encode())
+            raw_path = scope.get("raw_path") or scope["path"].encode()
+            prefix = self.settings.url_prefix
+            route = parse_route(raw_path, prefix)
             if route is not None and route[2] in PROXIED:
                 await self.proxy(scope, receive, send, *route)
                 return
+            if prefix:
+                outside = self._outside_prefix(raw_path.split(b"?", 1)[0], prefix)
+                if outside is not None:
+                    await outside(scope, receive, send)
+                    return
+                # Starlette routes on the path below root_path.
+                scope = {**scope, "root_path": scope.get("root_path", "") + prefix.decode()}
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def _outside_prefix(path: bytes, prefix: bytes) -> Response | None:
+        """The answer to a path not under ``server.url_prefix``; None when it is under it.
+        The prefix alone is redirected to ``<prefix>/`` (the status page), by path only:
+        a Location built from the Host header could point anywhere."""
+        if path == prefix:
+            return Response(status_code=308, headers={"location": prefix.decode() + "/"})
+        if not path.startswith(prefix + b"/"):
+            return json_error(404, "not_found", "no such route")
+        return None
 
     def identity(self, runner: Runner) -> list[tuple[bytes, bytes]]:
         """The headers every answer from ``runner`` carries: the version and URI served."""
@@ -181,6 +206,7 @@ class ModelProxy:
         """Count the request and write its access line."""
         seconds = time.perf_counter() - started
         self.metrics.observe_request(ep.spec.name, ep.spec.alias, status, seconds)
+        self.history.observe_request(ep.spec.name, ep.spec.alias, status, seconds)
         if self.access_log.enabled():
             # The raw path, not the decoded one: %0A must not start a log line of its own.
             route = (scope.get("raw_path") or b"").decode("ascii", "backslashreplace") \

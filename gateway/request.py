@@ -29,8 +29,13 @@ _ids = random.Random()  # request ids need to be unique, not secret: no syscall 
 SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,128}")
 
 
-def parse_route(raw_path: bytes) -> tuple[str, str, str] | None:
-    """``/models/<name>/<alias>/<action>`` → decoded (name, alias, action), else None."""
+def parse_route(raw_path: bytes, prefix: bytes = b"") -> tuple[str, str, str] | None:
+    """``<prefix>/models/<name>/<alias>/<action>`` → decoded (name, alias, action), else
+    None."""
+    if prefix:
+        if not raw_path.startswith(prefix + b"/"):
+            return None
+        raw_path = raw_path[len(prefix):]
     parts = raw_path.split(b"?", 1)[0].split(b"/")
     if len(parts) != 5 or parts[1] != b"models" or not all(parts[2:]):
         return None

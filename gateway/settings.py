@@ -21,6 +21,7 @@ class ProxySettings:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     send_timeout: float = 30.0
+    url_prefix: bytes = b""  # every route is under it (server.url_prefix)
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> ProxySettings:
@@ -29,4 +30,5 @@ class ProxySettings:
                    max_header_size=config.max_header_size,
                    max_connections=limits.max_connections,
                    header_timeout=limits.header_timeout, body_timeout=limits.body_timeout,
-                   send_timeout=limits.send_timeout)
+                   send_timeout=limits.send_timeout,
+                   url_prefix=config.server.url_prefix.encode("ascii"))

@@ -19,7 +19,7 @@ from .errors import (
     StartBackoff,
     TransportError,
 )
-from .events import PoolEvents
+from .events import EventFanout, PoolEvents
 from .launch import Fork, LaunchSpec
 from .pool import RunnerPool
 from .registry import Resolved
@@ -32,6 +32,7 @@ __all__ = [
     "Cutover",
     "Endpoint",
     "EndpointSpec",
+    "EventFanout",
     "Fork",
     "HelperUnavailable",
     "IllegalTransition",

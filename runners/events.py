@@ -24,3 +24,30 @@ class PoolEvents:
 
     def poll_failure(self, ep: Endpoint) -> None:
         """Re-resolving the endpoint's alias or stage in the registry failed."""
+
+
+class EventFanout(PoolEvents):
+    """Passes every event on to each observer in turn (the metrics, the status history)."""
+
+    def __init__(self, *observers: PoolEvents) -> None:
+        self.observers = observers
+
+    def cold_start(self, ep: Endpoint, seconds: float, ok: bool) -> None:
+        for o in self.observers:
+            o.cold_start(ep, seconds, ok)
+
+    def cutover(self, ep: Endpoint, ok: bool) -> None:
+        for o in self.observers:
+            o.cutover(ep, ok)
+
+    def eviction(self, ep: Endpoint, reason: str) -> None:
+        for o in self.observers:
+            o.eviction(ep, reason)
+
+    def restart(self, ep: Endpoint) -> None:
+        for o in self.observers:
+            o.restart(ep)
+
+    def poll_failure(self, ep: Endpoint) -> None:
+        for o in self.observers:
+            o.poll_failure(ep)

@@ -67,9 +67,9 @@ class GatewayProcess:
     details (the admin API's); a test about auth sets its own.
     """
 
-    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None
-                 ) -> None:
-        self.port = free_port()
+    def __init__(self, config: dict[str, Any], workdir: Path, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.env = env or {}
         if "auth" not in config:
             config = {**config, "auth": {"admin_tokens": [ADMIN_TOKEN]}}
@@ -189,9 +189,9 @@ def start_gateway(tmp_path: Path, registry: Registry) -> Iterator[Any]:
     started: list[GatewayProcess] = []
 
     def start(endpoints: list[dict[str, Any]], **config: Any) -> GatewayProcess:
-        env = config.pop("env", None)
+        env, port = config.pop("env", None), config.pop("port", None)
         full = {"tracking_uri": registry.tracking_uri, **config, "endpoints": endpoints}
-        gw = GatewayProcess(full, tmp_path, env)
+        gw = GatewayProcess(full, tmp_path, env, port)
         started.append(gw)
         return gw
 

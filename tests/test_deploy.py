@@ -84,7 +84,10 @@ def dockerfile_stages() -> list[Stage]:
         if keyword == "FROM":
             words = rest.split()
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(words[0], name))
+            parent = next((s for s in stages if s.name == words[0]), None)
+            # FROM an earlier stage: that stage's image, with its instructions.
+            stages.append(Stage(parent.base, name, list(parent.instructions)) if parent
+                          else Stage(words[0], name))
         elif stages:
             stages[-1].instructions.append((keyword, rest))
     return stages
@@ -253,6 +256,12 @@ def test_dockerfile_builds_a_wheel_and_runs_it_as_a_non_root_user() -> None:
     exec_form(final.last("CMD"))
 
 
+def _with_arg_defaults(text: str, stage: Stage) -> str:
+    """``text`` with ``${NAME}`` replaced by the default of the stage's ``ARG NAME=…``."""
+    args = dict(a.split("=", 1) for a in stage.all("ARG") if "=" in a)
+    return _REF.sub(lambda m: args[m.group(1) or m.group(2)], text)
+
+
 def test_build_context_has_what_the_image_needs_and_nothing_else() -> None:
     for stage in dockerfile_stages():
         for rest in stage.all("COPY"):
@@ -260,9 +269,11 @@ def test_build_context_has_what_the_image_needs_and_nothing_else() -> None:
             if any(w.startswith("--from") for w in words):
                 continue
             for source in [w for w in words if not w.startswith("--")][:-1]:
+                source = _with_arg_defaults(source, stage)
                 if source != ".":
                     assert in_build_context(source), f"COPY {source}: left out by .dockerignore"
-    for needed in ["pyproject.toml", "gateway/cli.py", "runners/serve.py", "config/gateway.yaml"]:
+    for needed in ["pyproject.toml", "gateway/cli.py", "runners/serve.py", "config/gateway.yaml",
+                   "gateway/static/status.js", "bundle/gateway.yaml"]:
         assert in_build_context(needed), needed
     for junk in [".venv/bin/python", ".git/HEAD", "demo/mlflow.db", "tests/test_deploy.py",
                  "gateway/__pycache__/cli.cpython-311.pyc", "deploy/kubernetes/base/gateway.yaml"]:
@@ -385,7 +396,7 @@ def test_rendered_gateway_config_passes_check_config(directory: Path, tmp_path: 
             pytest.skip(f"config keys not supported yet: {', '.join(pending)}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     shown = json.loads(proc.stdout)
-    assert shown["server"] == {"host": "0.0.0.0", "port": 8080}
+    assert shown["server"] == {"host": "0.0.0.0", "port": 8080, "url_prefix": ""}
     assert shown["endpoints"]
 
 

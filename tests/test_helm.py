@@ -208,7 +208,7 @@ def test_rendered_gateway_config_passes_check_config(variant: str, tmp_path: Pat
                           env={**base, **env}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     shown = json.loads(proc.stdout)
-    assert shown["server"] == {"host": "0.0.0.0", "port": 8080}
+    assert shown["server"] == {"host": "0.0.0.0", "port": 8080, "url_prefix": ""}
     config_values = values.get("config") or values_file(CHART / "values.yaml")["config"]
     assert [(e["name"], e["alias"]) for e in shown["endpoints"]] == \
         [(e["name"], e["alias"]) for e in config_values["endpoints"]]

@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from gateway.webhooks import signature
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT, free_port, metric, wait_for
 from tests.registry import Registry
 from tests.test_follow import Load, X
 
@@ -175,3 +175,45 @@ def test_registry_outage_keeps_serving_and_following_resumes(
     assert wait_for(lambda: gw.predict("const", "outage", X).json() == {"predictions": [2.0]},
                     90), gw.log()
     assert gw.status("const", "outage")["last_poll_error"] is None
+
+
+def peer_relays(gw: Any, direction: str, result: str) -> float:
+    return metric(gw, "model_gateway_peer_relays_total", direction=direction, result=result)
+
+
+def test_a_webhook_to_one_replica_switches_all_three(
+        mlflow_server: MlflowServer, start_gateway: Any) -> None:
+    """Three gateways, one registry, polling every 10 minutes: MLflow's webhook reaches
+    the first, which relays it; all three serve the new version. With one stopped, the
+    other two still switch."""
+    client = MlflowClient(mlflow_server.url)
+    client.set_registered_model_alias("const", "peers", "1")
+    ports = [free_port() for _ in range(3)]
+    peers = {"addresses": [f"http://127.0.0.1:{p}" for p in ports]}  # itself too: skipped
+    gws = [start_gateway([{"name": "const", "alias": "peers", "poll_interval": "10m",
+                           "drain_timeout": "2s"}],
+                         tracking_uri=mlflow_server.url, webhook_secret=SECRET, peers=peers,
+                         port=port) for port in ports]
+
+    def serving(gw: Any, value: float) -> bool:
+        return gw.predict("const", "peers", X).json() == {"predictions": [value]}
+
+    assert all(serving(gw, 1.0) for gw in gws)
+    hook = client.create_webhook(name=f"gateway-peers-{ports[0]}",
+                                 url=f"{gws[0].url}/hooks/mlflow",
+                                 events=["model_version_alias.created"], secret=SECRET)
+    try:
+        time.sleep(1.5)  # the server caches its webhook list for MLFLOW_WEBHOOK_CACHE_TTL
+        client.set_registered_model_alias("const", "peers", "2")
+        for gw in gws:
+            assert wait_for(lambda gw=gw: serving(gw, 2.0), 60), gw.log()
+        gws[2].stop()
+        client.set_registered_model_alias("const", "peers", "1")
+        for gw in gws[:2]:
+            assert wait_for(lambda gw=gw: serving(gw, 1.0), 60), gw.log()
+    finally:
+        client.delete_webhook(hook.webhook_id)
+    assert peer_relays(gws[0], "sent", "ok") == 3  # two peers, then one
+    assert peer_relays(gws[0], "sent", "failed") == 1  # the stopped one
+    assert peer_relays(gws[0], "received", "accepted") == 0  # never to itself
+    assert peer_relays(gws[1], "received", "accepted") == 2

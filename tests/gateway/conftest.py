@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,8 +69,11 @@ async def serve(config: dict[str, Any] | None = None, *, fast: bool = True
     block ends; then no process it started may be left."""
     config = {"endpoints": ENDPOINTS, **(config or {})}
     owner = f"fast-test-{uuid.uuid4().hex[:12]}"
-    gateway = Gateway(parse_config(yaml.safe_dump(config)), owner=owner,
-                      fork=tiny_runner.fork)
+    # From a file, as `model-gateway serve` is: an admin config reload re-reads it.
+    config_path = Path(tempfile.mkdtemp(prefix="fast-gateway-")) / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    gateway = Gateway(parse_config(config_path.read_text()), owner=owner,
+                      config_path=str(config_path), fork=tiny_runner.fork)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(
@@ -87,4 +93,5 @@ async def serve(config: dict[str, Any] | None = None, *, fast: bool = True
         server.should_exit = True
         await task
         sock.close()
+        shutil.rmtree(config_path.parent, ignore_errors=True)
     assert owned_processes(owner) == []

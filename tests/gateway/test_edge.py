@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
+import socket
 import stat
 import time
 from typing import Any
@@ -192,6 +194,12 @@ async def test_a_client_that_never_reads_stops_being_served_and_is_dropped() -> 
             while client_errors(served, "send_timeout") < 1:
                 await asyncio.sleep(0.05)
         assert ep.runner.in_flight == 0
+        # Dropped with a reset: a FIN would wait behind the unread answers in the buffers.
+        sock = writer.get_extra_info("socket")
+        async with asyncio.timeout(5):
+            while (error := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)) == 0:
+                await asyncio.sleep(0.05)
+        assert error == errno.ECONNRESET
         writer.close()
         await victim(served)
 
