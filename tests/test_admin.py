@@ -87,7 +87,7 @@ def test_config_reload_adds_removes_and_changes_under_load(start_gateway: Any) -
         assert answer.status_code == 200, answer.text
         assert answer.json() == {"added": ["const/new"], "removed": ["const/gone"],
                                  "changed": ["const/change"], "failed": {},
-                                 "restart_required": []}
+                                 "restart_required": [], "relayed_to_peers": False}
         assert wait_for(lambda: change.saw(2.0), 30)
         time.sleep(1)
     assert keep.failures() == [] and len(keep.all) > 20
