@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from runners import EndpointSpec, PoolSpec
+from runners import BatchingSpec, EndpointSpec, PoolSpec
 from runners.memory import parse_size
 
 from .auth import InferencePolicy
@@ -135,6 +135,20 @@ class AuthConfig(_Strict):
     api_keys: list[str | None] = Field(default_factory=list)
 
 
+def _batching(value: Any) -> Any:
+    return {"enabled": False} if value is False else value
+
+
+class BatchingConfig(_Strict):
+    """Merge concurrent prediction requests into one predict call (``gateway.batching``)."""
+
+    enabled: bool = True  # `batching: false` on an endpoint: off, whatever defaults say
+    max_batch_size: int = Field(64, ge=1, le=4096)  # requests in one predict call
+    # 0: opportunistic (only requests that queue while the runner is busy are merged);
+    # > 0: the first request of a batch waits at most this long for companions.
+    max_wait: Duration = Field(0.0, le=1.0)
+
+
 class EndpointDefaults(_Strict):
     env_manager: Literal["local", "virtualenv", "uv", "conda"] = "local"
     launcher: Literal["cli", "direct", "fork"] = "fork"
@@ -144,6 +158,8 @@ class EndpointDefaults(_Strict):
     poll_interval: Duration = Field(30.0, gt=0)
     drain_timeout: Duration = 30.0
     max_concurrency: int = Field(0, ge=0)
+    # absent: every request is its own predict call
+    batching: Annotated[BatchingConfig | None, BeforeValidator(_batching)] = None
 
 
 class EndpointConfig(_Strict):
@@ -158,6 +174,7 @@ class EndpointConfig(_Strict):
     poll_interval: Duration | None = Field(None, gt=0)
     drain_timeout: Duration | None = None
     max_concurrency: int | None = Field(None, ge=0)
+    batching: Annotated[BatchingConfig | None, BeforeValidator(_batching)] = None
     preload: bool = False
     pinned: bool = False
     public: bool = False  # no api key needed even when auth.api_keys is set
@@ -189,6 +206,9 @@ class GatewayConfig(_Strict):
             values.update({k: v for k, v in ep.model_dump().items()
                            if v is not None and k not in _HTTP_ONLY})
             values["model_uri"] = ep.model_uri or f"models:/{ep.name}@{ep.alias}"
+            batching = self.defaults.batching if ep.batching is None else ep.batching
+            values["batching"] = BatchingSpec(batching.max_batch_size, batching.max_wait) \
+                if batching and batching.enabled else None
             specs.append(EndpointSpec(**values))
         return specs
 

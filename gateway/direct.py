@@ -82,9 +82,35 @@ class DirectExchange:
             self.chunks.append(chunk)
 
     def dispatch(self) -> None:
-        """The caller's request is in: write it to an idle connection to a serving runner,
-        or hand it to the ordinary path."""
+        """The caller's request is in: queue it with the endpoint's batcher, or write it
+        to an idle connection to a serving runner, or hand it to the ordinary path."""
         self.body = b"".join(self.chunks)
+        batcher = self.proxy.batcher(self.ep, self.request, self.scope)
+        if batcher is not None and batcher.offer(self.scope, self.request.content_type,
+                                                 self.body, self):
+            return
+        self.go()
+
+    def alone(self) -> bool:
+        """The batcher lets the request go its own way (``batching.Member``)."""
+        self.go()
+        return True
+
+    def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+               runner: Runner) -> None:
+        """The request's part of a merged answer (``batching.Member``)."""
+        request = self.request
+        if not self.disconnected:
+            self.connection.write_answer(
+                status, [*headers, *self.proxy.identity(runner),
+                         (b"x-request-id", request.request_id)], body,
+                head_only=False, has_length=False)
+        self.proxy.record(self.scope, self.ep, runner, status, self.started,
+                          request.request_id)
+        self.connection.finish()
+
+    def go(self) -> None:
+        """Write the request to an idle connection, or hand it to the ordinary path."""
         ep = self.ep
         runner = self.proxy.pool.acquire_now(ep)
         if runner is None:

@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from runners import Endpoint, PoolEvents, RunnerPool, State
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 COLD_BUCKETS = (0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -105,6 +106,16 @@ class GatewayMetrics(PoolEvents):
         self.client_errors = Counter("model_gateway_client_errors_total",
                                      "Requests and connections refused or cut at the HTTP "
                                      "edge, by reason", ["reason"], registry=r)
+        self.batch_size = Histogram("model_gateway_batch_size",
+                                    "Requests per predict call, on endpoints that batch",
+                                    ["name", "alias"], buckets=BATCH_BUCKETS, registry=r)
+        self.batched = Counter("model_gateway_batched_requests_total",
+                               "Requests answered from a merged predict call",
+                               ["name", "alias"], registry=r)
+        self.batch_fallbacks = Counter("model_gateway_batch_fallbacks_total",
+                                       "Requests of a batching endpoint served alone instead "
+                                       "of merged, by reason", ["name", "alias", "reason"],
+                                       registry=r)
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def watch(self, pool: RunnerPool) -> None:

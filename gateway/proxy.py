@@ -11,6 +11,7 @@ more than that continues in ``relay()``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import weakref
@@ -30,6 +31,7 @@ from runners import (
 
 from .access import AccessLog
 from .auth import InferencePolicy
+from .batching import SEEN, SLOT, Batcher
 from .errors import Refusal, json_error, map_error, send_error
 from .history import History
 from .metrics import GatewayMetrics
@@ -59,6 +61,7 @@ class ModelProxy:
         self._identities: weakref.WeakKeyDictionary[Runner, list[tuple[bytes, bytes]]] = \
             weakref.WeakKeyDictionary()
         self.access_log = AccessLog(access_logger)
+        self.batchers: dict[tuple[str, str], Batcher] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -96,6 +99,17 @@ class ModelProxy:
                 (b"x-model-version", (runner.version or "-").encode()),
                 (b"x-model-uri", runner.model_uri.encode())]
         return headers
+
+    def batcher(self, ep: Endpoint, request: IncomingRequest, scope: Scope) -> Batcher | None:
+        """The endpoint's batcher, when the request is a prediction it has not seen yet."""
+        spec = ep.spec.batching
+        if spec is None or request.action != "invocations" or request.method != "POST" or \
+                SEEN in scope:
+            return None
+        batcher = self.batchers.get(ep.key)
+        if batcher is None or batcher.ep is not ep or batcher.spec != spec:
+            batcher = self.batchers[ep.key] = Batcher(ep, self.pool, self.metrics)
+        return batcher
 
     def admit(self, scope: Scope, name: str, alias: str, action: str
               ) -> tuple[Endpoint, IncomingRequest] | None:
@@ -149,11 +163,21 @@ class ModelProxy:
             await send_error(send, status, code, message, [*extra, request_id])
             self.record(scope, ep, None, status, started, request.request_id)
             return
-        status, runner = 500, None
+        status, runner, served = 500, None, None
         try:
             # A body that fits in memory is read before a runner is bound: a caller that
             # stalls mid-body holds no runner (and the edge's body_timeout ends it).
             body = await _request_body(request, receive, settings.max_body_size)
+            batcher = self.batcher(ep, request, scope)
+            if batcher is not None and isinstance(body, bytes):
+                member = _Queued()
+                if batcher.offer(scope, request.content_type, body, member):
+                    merged = await member.future
+                    if merged is not None:  # its part of a merged answer
+                        status, served = merged[0], merged[3]
+                        await _send_answer(send, *merged[:3], [*self.identity(served),
+                                                               request_id])
+                        return
             try:
                 runner = await self.pool.acquire(ep)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON answer
@@ -171,7 +195,7 @@ class ModelProxy:
         finally:
             if runner is not None:
                 self.pool.release(ep, runner)
-            self.record(scope, ep, runner, status, started, request.request_id)
+            self.record(scope, ep, runner or served, status, started, request.request_id)
 
     async def relay(self, request: IncomingRequest, body: bytes | AsyncIterator[bytes],
                     send: Send, ep: Endpoint, runner: Runner, deadline: float,
@@ -203,7 +227,10 @@ class ModelProxy:
 
     def record(self, scope: Scope, ep: Endpoint, runner: Runner | None, status: int,
                started: float, request_id: bytes) -> None:
-        """Count the request and write its access line."""
+        """Count the request and write its access line; hand back its batching slot."""
+        batcher = scope.pop(SLOT, None)
+        if batcher is not None:
+            batcher.done()
         seconds = time.perf_counter() - started
         self.metrics.observe_request(ep.spec.name, ep.spec.alias, status, seconds)
         self.history.observe_request(ep.spec.name, ep.spec.alias, status, seconds)
@@ -216,6 +243,34 @@ class ModelProxy:
                 "endpoint": ep.label, "version": runner.version if runner else None,
                 "status": status, "duration_ms": round(seconds * 1000, 2),
                 "request_id": request_id.decode("latin-1")})
+
+
+class _Queued:
+    """A request of the ASGI path while its endpoint's batcher holds it."""
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[tuple[int, list[tuple[bytes, bytes]], bytes, Runner] | None] \
+            = asyncio.get_running_loop().create_future()
+
+    def alone(self) -> bool:
+        if self.future.done():  # cancelled: the caller's task is gone
+            return False
+        self.future.set_result(None)
+        return True
+
+    def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+               runner: Runner) -> None:
+        if not self.future.done():
+            self.future.set_result((status, headers, body, runner))
+
+
+async def _send_answer(send: Send, status: int, headers: list[tuple[bytes, bytes]],
+                       body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", b"%d" % len(body)), *extra]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _request_body(request: IncomingRequest, receive: Receive, limit: int

@@ -51,7 +51,10 @@ class ConfigReloader:
         added = [k for k in new_specs if k not in pool.endpoints]
         removed = [k for k in pool.endpoints if k not in new_specs]
         changed = [k for k in new_specs if k in pool.endpoints and k in old_specs
-                   and old_specs[k] != new_specs[k]]
+                   and not old_specs[k].runs_like(new_specs[k])]
+        for key in new_specs.keys() & old_specs.keys() & pool.endpoints.keys():
+            if key not in changed:  # the same runner serves on; batching may differ
+                pool.endpoints[key].spec = new_specs[key]
         for key in added:
             pool.add_endpoint(new_specs[key])
         results = await asyncio.gather(

@@ -50,15 +50,16 @@ class IncomingRequest:
     ``authorization`` (never forwarded), ``content_length`` and ``header_bytes``.
     """
 
-    __slots__ = ("authorization", "content_length", "head", "header_bytes", "method",
-                 "request_id")
+    __slots__ = ("action", "authorization", "content_length", "content_type", "head",
+                 "header_bytes", "method", "request_id")
 
     def __init__(self, scope: Scope, action: str) -> None:
         self.method: str = scope["method"]
+        self.action = action
         query: bytes = scope.get("query_string") or b""
         parts = [self.method.encode(), b" /", action.encode(), b"?" if query else b"", query,
                  b" HTTP/1.1\r\n"]
-        request_id = forwarded = length = authorization = None
+        request_id = forwarded = length = authorization = content_type = None
         size = 0
         for key, value in scope["headers"]:  # names are lower-case, values validated
             size += len(key) + len(value) + 4
@@ -73,6 +74,8 @@ class IncomingRequest:
                 elif key == b"authorization":
                     authorization = value
                 continue
+            if key == b"content-type":
+                content_type = value  # what merging requests compares (``batching``)
             parts += (key, b": ", value, b"\r\n")
         client = scope.get("client")
         if client:
@@ -89,3 +92,4 @@ class IncomingRequest:
         self.authorization: str | None = authorization.decode("latin-1") if authorization \
             else None
         self.header_bytes = size
+        self.content_type: bytes | None = content_type

@@ -24,10 +24,11 @@ from .launch import Fork, LaunchSpec
 from .pool import RunnerPool
 from .registry import Resolved
 from .runner import Runner
-from .spec import EndpointSpec, PoolSpec
+from .spec import BatchingSpec, EndpointSpec, PoolSpec
 from .watcher import VersionWatcher
 
 __all__ = [
+    "BatchingSpec",
     "ConnectError",
     "Cutover",
     "Endpoint",

@@ -159,6 +159,8 @@ class Endpoint:
         self.poll_failures = 0
         self.last_memory = 0  # bytes its last runner used: the estimate for its next start
         self.last_output: list[str] = []  # the last runner's output, kept after it exited
+        # Requests per predict call over the last 100 calls (set by the gateway's batcher).
+        self.mean_batch_size: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -318,6 +320,10 @@ class Endpoint:
             "last_poll": self.last_poll,
             "last_poll_error": self.last_poll_error,
             "poll_failures": self.poll_failures,
+            "batching": None if self.spec.batching is None else {
+                "max_batch_size": self.spec.batching.max_batch_size,
+                "max_wait_ms": round(self.spec.batching.max_wait * 1000, 3),
+                "mean_batch_size": self.mean_batch_size},
         }
         if details:
             out["runner"] = runner.describe() if runner else None

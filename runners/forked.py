@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from .launch import PROJECT_ROOT, LaunchSpec
 from .process import kill_group, output_lines, spawn
-from .zygote import MAX_MESSAGE, OUTPUT_LINES, ZYGOTE_ARGV, ZygoteError
+from .zygote import MAX_MESSAGE, MODELS_ENV, OUTPUT_LINES, ZYGOTE_ARGV, ZygoteError
 
 log = logging.getLogger("model_gateway.zygote")
 
@@ -73,6 +73,7 @@ class Zygote:
         self.reply_timeout = reply_timeout
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
         self.ready_seconds: float | None = None  # the zygote's own import time
+        self.models: list[str] = []  # model URIs whose flavours the zygote imports
         self._proc: asyncio.subprocess.Process | None = None
         self._sock: socket.socket | None = None
         self._pending: dict[int, tuple[asyncio.Future[dict[str, Any]], ForkedProcess]] = {}
@@ -103,7 +104,8 @@ class Zygote:
         self.output.clear()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc = await spawn(ZYGOTE_ARGV, self.env, stdin=theirs.fileno())
+            env = {**self.env, MODELS_ENV: json.dumps(self.models)}
+            self._proc = await spawn(ZYGOTE_ARGV, env, stdin=theirs.fileno())
         except BaseException:
             ours.close()
             raise
@@ -127,8 +129,9 @@ class Zygote:
             raise
         self.ready_seconds = ready.get("seconds")
         self._tasks.append(asyncio.create_task(self._read_events(), name="zygote-events"))
-        log.info("zygote %s ready in %.1fs (%s modules imported)", self.pid,
-                 self.ready_seconds or 0, ready.get("modules"))
+        log.info("zygote %s ready in %.1fs (%s modules imported; for the models' flavours: "
+                 "%s)", self.pid, self.ready_seconds or 0, ready.get("modules"),
+                 ", ".join(ready.get("flavour_modules") or []) or "nothing more")
 
     async def wait(self) -> int | None:
         """Until the zygote is gone; its exit code when it exited."""

@@ -90,7 +90,11 @@ class RunnerPool:
         the zygote imports MLflow once for every forked runner, the resolver answers the
         registry."""
         specs = [ep.spec for ep in self.endpoints.values()]
-        if self._fork is None and any(effective_launcher(s) == "fork" for s in specs):
+        forked = [s.model_uri for s in specs if effective_launcher(s) == "fork"]
+        if self._fork is None and forked:
+            if self.zygote.name not in self.supervisor:
+                # Read at the zygote's start: it imports these models' flavours too.
+                self.zygote.models = list(dict.fromkeys(forked))
             self.supervisor.supervise(self.zygote)
         if any(needs_registry(s.model_uri) for s in specs):
             self.supervisor.supervise(self.registry)

@@ -69,12 +69,25 @@ def _answer(req: dict[str, Any]) -> None:
         sys.stdout.flush()
 
 
+def _open_stores() -> None:
+    """Open the registry now: the first call builds MLflow's store (for a database, an
+    engine and a schema check: about a second), which would otherwise be the first cold
+    start's. A registry that does not answer yet is not waited for."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().search_registered_models(max_results=1)
+    except Exception:  # noqa: BLE001 - the first resolve reports it, if it persists
+        pass
+
+
 def main() -> int:
     # Fail fast instead of MLflow's minutes of retries: the gateway polls again anyway.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow.tracking  # noqa: F401 - import once, up front, not on the first request
 
+    _open_stores()
     sys.stdout.write(json.dumps({"id": None, "ok": True, "ready": True}) + "\n")
     sys.stdout.flush()
     with ThreadPoolExecutor(max_workers=4) as executor:

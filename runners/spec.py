@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    """Requests the gateway merges into one predict call; the runner never sees it."""
+
+    max_batch_size: int = 64
+    max_wait: float = 0.0  # seconds the first request of a batch waits for companions
 
 
 @dataclass(frozen=True)
@@ -20,6 +28,7 @@ class EndpointSpec:
     max_concurrency: int = 0  # 0: unlimited
     preload: bool = False
     pinned: bool = False
+    batching: BatchingSpec | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -28,6 +37,10 @@ class EndpointSpec:
     @property
     def label(self) -> str:
         return f"{self.name}/{self.alias}"
+
+    def runs_like(self, other: EndpointSpec) -> bool:
+        """Whether ``other`` needs the same runner: they differ in batching at most."""
+        return replace(self, batching=other.batching) == other
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import time
 import traceback
 from typing import Any, NoReturn
 
+from . import flavours as flavours_module
 from .errors import RunnerStartError
 from .process import die_with_parent, kill_group
 from .serve import ServeOptions, set_title
@@ -48,6 +49,7 @@ log = logging.getLogger("model_gateway.zygote")
 ZYGOTE_ARGV = [sys.executable, "-c", "import sys, runners.zygote as z; sys.exit(z.main())"]
 SERVE_MODULE = "runners.serve"
 PRELOAD_ENV = "MODEL_GATEWAY_ZYGOTE_PRELOAD"  # extra modules to import, comma-separated
+MODELS_ENV = "MODEL_GATEWAY_ZYGOTE_MODELS"  # JSON list: the URIs whose flavours to import
 MAX_MESSAGE = 1 << 20
 OUTPUT_LINES = 50
 
@@ -76,13 +78,14 @@ def main() -> int:
     began = time.monotonic()
     control = _take_control_socket()
     set_title("model-gateway zygote")
-    _warm_up()
+    flavours = _warm_up()
     # Objects alive now are never collected: keep the child's GC from writing to (and so
     # copying) the pages they live on.
     gc.collect()
     gc.freeze()
     _send(control, {"event": "ready", "pid": os.getpid(),
-                    "seconds": round(time.monotonic() - began, 3), "modules": len(sys.modules)})
+                    "seconds": round(time.monotonic() - began, 3), "modules": len(sys.modules),
+                    "flavour_modules": flavours})
     return _Server(control).run()
 
 
@@ -100,20 +103,32 @@ def _take_control_socket() -> socket.socket:
     return control
 
 
-def _warm_up() -> None:
+def _warm_up() -> list[str]:
+    """Import what runners need; the modules imported for the models' flavours."""
     extra = [m.strip() for m in os.environ.get(PRELOAD_ENV, "").split(",") if m.strip()]
     for name in (*WARM_MODULES, *extra):
         try:
             importlib.import_module(name)
         except ImportError as exc:  # an optional part (uvloop, skops) is not installed
             print(f"zygote: not preloading {name}: {exc}", flush=True)
+    try:
+        uris = [u for u in json.loads(os.environ.get(MODELS_ENV) or "[]") if isinstance(u, str)]
+    except ValueError:
+        uris = []
+    flavours = flavours_module.discover(uris)
+    for name in flavours:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - the probe imported it; be safe anyway
+            print(f"zygote: not preloading {name}: {exc}", flush=True)
     # load_model() compares the model's requirements with the installed packages; the
     # first comparison scans every installed distribution (about 0.4 s). Do it once here.
     try:
         from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
     except ImportError:  # an MLflow internal: a later version may move it
-        return
+        return flavours
     warn_dependency_requirement_mismatches(["mlflow"])
+    return flavours
 
 
 def _send(control: socket.socket, message: dict[str, Any]) -> None:

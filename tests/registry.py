@@ -5,6 +5,8 @@
 - ``const``  v1 predicts 1.0, v2 predicts 2.0 (DummyRegressor), v3 has broken
              artifacts; alias ``live`` → v1, stage Production → v1.
 - ``sleepy`` v1: sleeps for the ``seconds`` it is sent; alias ``main``.
+- ``rowcount`` v1: answers one prediction per call, its number of rows; alias ``main``.
+- ``lgbm``   v1: a LightGBM classifier on iris (another flavour); alias ``champion``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,19 @@ def build_registry(root: Path) -> Registry:
                                        input_example=pd.DataFrame({"seconds": [0.0]}),
                                        registered_model_name="sleepy")
     client.set_registered_model_alias("sleepy", "main", info.registered_model_version)
+
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).parent / "models/rowcount.py"),
+            input_example=pd.DataFrame({"x": [0.0]}), registered_model_name="rowcount")
+    client.set_registered_model_alias("rowcount", "main", info.registered_model_version)
+
+    import lightgbm
+    with mlflow.start_run():
+        info = mlflow.lightgbm.log_model(
+            lightgbm.LGBMClassifier(n_estimators=10, verbose=-1).fit(X, iris.target),
+            name="model", input_example=X.head(2), registered_model_name="lgbm")
+    client.set_registered_model_alias("lgbm", "champion", info.registered_model_version)
     return Registry(root=root, tracking_uri=uri, iris_path=iris_path)
 
 

@@ -67,7 +67,7 @@ def test_rows_follow_start_cutover_and_eviction_without_a_reload(
     client.set_registered_model_alias("const", "page", "1")
     gw: GatewayProcess = start_gateway(
         [{"name": "const", "alias": "page", "poll_interval": "1s", "drain_timeout": "2s"},
-         {"name": "iris", "alias": "champion"}],
+         {"name": "iris", "alias": "champion", "batching": {"max_batch_size": 8}}],
         auth={"admin_tokens": [ADMIN]},
         pool={"idle_timeout": "8s", "min_residency": 0})
     page = browser.new_page()
@@ -78,6 +78,9 @@ def test_rows_follow_start_cutover_and_eviction_without_a_reload(
     expect(iris).to_have_attribute("data-state", "cold")
     expect(const.locator(".state")).to_have_text("cold")  # in words, not in colour alone
     expect(page.locator("#count")).to_have_text("2 of 2 endpoints")
+    expect(row(page, "iris/champion").locator(".batching")).to_have_text(
+        "batches ≤ 8 · mean –")
+    expect(const.locator(".batching")).to_have_count(0)
     shot(page, "1-cold")
 
     assert gw.predict("const", "page", X).json() == {"predictions": [1.0]}

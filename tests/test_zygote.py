@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -24,7 +25,8 @@ import pytest
 from runners.forked import ForkedProcess, Zygote
 from runners.launch import LaunchSpec
 from runners.zygote import PRELOAD_ENV, ZygoteError, check_single_threaded
-from tests.conftest import free_port
+from tests.conftest import free_port, owned_processes, wait_for
+from tests.registry import IRIS_COLUMNS
 
 pytestmark = pytest.mark.slow
 
@@ -314,3 +316,25 @@ def test_a_zygote_starts_again_after_it_died(loop: asyncio.AbstractEventLoop,
         loop.run_until_complete(scenario())
     finally:
         loop.run_until_complete(zygote.close())
+
+
+def test_readiness_waits_for_the_zygote_and_the_models_flavours(start_gateway: Any) -> None:
+    """/readyz answers 200 only once the zygote has imported MLflow and what the declared
+    models' flavours need (LightGBM here); runners are then forked with it in place."""
+    gw = start_gateway([{"name": "lgbm", "alias": "champion"},
+                        {"name": "iris", "alias": "champion"}])
+    assert wait_for(lambda: gw.client.get("/readyz").status_code == 200, 120, 0.02), gw.log()
+    # The zygote logged its readiness before the first 200 (the log is written first).
+    ready_line = next(line for line in gw.log().splitlines() if "zygote" in line
+                      and "ready in" in line)
+    assert "mlflow.lightgbm" in ready_line and "lightgbm" in ready_line, ready_line
+    zygote = next(p for p in owned_processes(gw.owner)
+                  if "zygote" in " ".join(p.cmdline()))
+    maps = Path(f"/proc/{zygote.pid}/maps").read_text()
+    assert "lib_lightgbm" in maps
+    rows = {"dataframe_split": {"columns": IRIS_COLUMNS, "data": [[5.1, 3.5, 1.4, 0.2]]}}
+    answer = gw.predict("lgbm", "champion", rows)
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+    runner = psutil.Process(gw.status("lgbm", "champion")["runner"]["pid"])
+    assert runner.ppid() == zygote.pid  # forked, with LightGBM already imported
+    assert "flavours of" not in gw.log()  # every model's MLmodel was read

@@ -135,6 +135,14 @@ function stateCell(ep) {
   return cell;
 }
 
+function batching(b) {
+  if (!b) return "";
+  const mean = b.mean_batch_size === null ? "–" : b.mean_batch_size.toFixed(1);
+  const wait = b.max_wait_ms ? `, wait ${b.max_wait_ms} ms` : "";
+  return el("span", { class: "cutover batching", title: "requests per predict call (last 100)" },
+    `batches ≤ ${b.max_batch_size}${wait} · mean ${mean}`);
+}
+
 function row(ep, now) {
   const s = ep.series;
   const rate = last(s, 1);
@@ -149,7 +157,7 @@ function row(ep, now) {
       ep.failed_version ? el("span", { class: "cutover" }, `v${ep.failed_version} failed`) : ""),
     el("td", { class: "muted" }, ep.model_uri || ""),
     el("td", { class: "num" }, el("span", { class: "value" }, rate === null ? "0" : rate.toFixed(1)),
-      spark(s, 1, { floor: 1 })),
+      spark(s, 1, { floor: 1 }), batching(ep.batching)),
     el("td", { class: "num" },
       el("span", { class: "value" }, p50 === null ? "–" : `${p50} / ${p99}`), spark(s, 3)),
     el("td", { class: "num" },
