@@ -64,7 +64,9 @@ class _Steps:
                  on_output: Callable[[str], None] | None) -> None:
         self.what = what
         self.deadline = deadline
-        self.env = env
+        # uv wraps its messages at COLUMNS (set by whatever started the gateway, pytest
+        # among them): one verdict per line, so the last line names the cause whole.
+        self.env = {**env, "COLUMNS": "100000"}
         self.on_output = on_output
         self.budget = round(max(0.0, deadline - time.monotonic()), 1)
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
