@@ -82,6 +82,12 @@ def test_requests_served_alone(body: bytes) -> None:
     assert read(JSON, body) is None
 
 
+def test_hostile_nesting_is_served_alone() -> None:
+    assert read(JSON, b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}") is None
+    assert read(JSON, b'{"inputs": [' + b'{"a": ' * 5_000 + b"1" + b"}" * 5_000 + b"]}") \
+        is None
+
+
 def test_other_content_types_are_served_alone() -> None:
     assert read(b"application/vnd.apache.parquet", b"PAR1") is None
     assert read(b"text/plain", b"a\n1\n") is None
