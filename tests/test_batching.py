@@ -27,11 +27,10 @@ pytestmark = pytest.mark.slow
 WAIT = {"max_batch_size": 16, "max_wait": "40ms"}  # batches form even at low concurrency
 
 
-@pytest.fixture(scope="module", params=["fast", "plain"])
-def gw(request: pytest.FixtureRequest, registry: Registry,
-       tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """Batching and plain endpoints of the same models; once on the server's fast path,
-    once with every request on the plain ASGI path (both carry the batcher)."""
+@pytest.fixture(scope="module")
+def gw(registry: Registry, tmp_path_factory: pytest.TempPathFactory
+       ) -> Iterator[GatewayProcess]:
+    """Batching and plain endpoints of the same models."""
     config = {"tracking_uri": registry.tracking_uri,
               "defaults": {"startup_timeout": "2m"},
               "endpoints": [{"preload": True, **ep} for ep in [
@@ -47,8 +46,7 @@ def gw(request: pytest.FixtureRequest, registry: Registry,
                   {"name": "rowcount", "alias": "waits", "model_uri": "models:/rowcount@main",
                    "batching": WAIT},
               ]]}
-    env = {"MODEL_GATEWAY_FAST_PATH": "off"} if request.param == "plain" else {}
-    gateway = GatewayProcess(config, tmp_path_factory.mktemp("batching"), env)
+    gateway = GatewayProcess(config, tmp_path_factory.mktemp("batching"))
     assert wait_for(lambda: gateway.client.get("/readyz").status_code == 200, 120), \
         gateway.log()
     yield gateway
@@ -102,12 +100,9 @@ def _alone(gw: GatewayProcess, requests: list[tuple[str, bytes]], model: str = "
     return [_post(gw.client, url, *request) for request in requests]
 
 
-@pytest.mark.parametrize(("alias", "clients", "each"), [("batched", 32, 25),
-                                                         ("workers", 16, 15)])
-def test_concurrent_clients_get_exactly_their_own_answers(
-        gw: GatewayProcess, alias: str, clients: int, each: int) -> None:
+def _clients_at_once(gw: GatewayProcess, alias: str, clients: int, each: int) -> None:
     """Randomised rows and formats from many clients at once: each answer is the one the
-    same body gets alone, and most requests were answered from merged calls."""
+    same body gets alone (from iris/champion), and many were answered from merged calls."""
     rng = random.Random(15)
     batched_before = metric(gw, "model_gateway_batched_requests_total", name="iris",
                             alias=alias)
@@ -133,6 +128,28 @@ def test_concurrent_clients_get_exactly_their_own_answers(
     status = gw.status("iris", alias)["batching"]
     assert status["max_batch_size"] == 64 and status["max_wait_ms"] == 0
     assert status["mean_batch_size"] > 1
+
+
+def test_concurrent_clients_get_exactly_their_own_answers(gw: GatewayProcess) -> None:
+    _clients_at_once(gw, "batched", 32, 25)
+
+
+def test_two_workers_two_slots_same_answers(gw: GatewayProcess) -> None:
+    """The direct launcher with two uvicorn workers: two merged calls at a time."""
+    _clients_at_once(gw, "workers", 16, 15)
+
+
+def test_the_plain_asgi_path_batches_the_same(start_gateway: Any) -> None:
+    """With the server's fast path off, every request takes the ASGI path, which carries
+    the batcher as well."""
+    gw = start_gateway([{"name": "iris", "alias": "champion", "preload": True},
+                        {"name": "iris", "alias": "batched", "preload": True,
+                         "model_uri": "models:/iris@champion",
+                         "batching": {"max_batch_size": 64}}],
+                       env={"MODEL_GATEWAY_FAST_PATH": "off"})
+    assert wait_for(lambda: gw.client.get("/readyz").status_code == 200, 120), gw.log()
+    assert "serving every request through the plain ASGI path" in gw.log()
+    _clients_at_once(gw, "batched", 16, 15)
 
 
 def test_a_bad_payload_does_not_fail_its_companions(gw: GatewayProcess) -> None:
