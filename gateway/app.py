@@ -28,6 +28,7 @@ from .proxy import ModelProxy, access_logger
 from .reload import ConfigReloader
 from .settings import ProxySettings
 from .status_page import StatusPage
+from .traffic import TrafficAPI
 from .webhooks import WebhookRejected, WebhookVerifier
 
 log = logging.getLogger("model_gateway")
@@ -51,6 +52,7 @@ class Gateway:
         self.admin = AdminAPI(self.pool, self.watcher, self.reloader, lambda: self.admin_tokens,
                               self.relay)
         self.admin_tokens = TokenSet([])
+        self.traffic = TrafficAPI(lambda: self.proxy, self.pool, self.admin.guarded)
         self.status_page = StatusPage(self.pool, self.history, lambda: self.proxy.settings.policy,
                                       lambda: self.admin_tokens)
         self.webhooks: WebhookVerifier | None = None
@@ -153,17 +155,21 @@ class Gateway:
         policy, key = self.proxy.settings.policy, request.headers.get("authorization")
         visible = [ep.status(details=False) for ep in self.pool.endpoints.values()
                    if policy.allows(ep.key, key)]
+        visible += [status for route in self.traffic.keys() if policy.allows(route, key)
+                    and (status := self.traffic.status(route)) is not None]
         if not visible and not policy.open:
             return _unauthorized()
         return JSONResponse({"endpoints": visible})
 
     async def model_status(self, request: Request) -> Response:
-        ep = self.pool.endpoints.get((request.path_params["name"], request.path_params["alias"]))
-        if ep is None:
+        key = (request.path_params["name"], request.path_params["alias"])
+        ep = self.pool.endpoints.get(key)
+        routing = self.traffic.status(key) if ep is None else None
+        if ep is None and routing is None:
             return not_declared()
-        if not self.proxy.settings.policy.allows(ep.key, request.headers.get("authorization")):
+        if not self.proxy.settings.policy.allows(key, request.headers.get("authorization")):
             return _unauthorized()
-        return JSONResponse(ep.status(details=False))
+        return JSONResponse(routing if ep is None else ep.status(details=False))
 
     async def webhook(self, request: Request) -> Response:
         if self.webhooks is None:
@@ -226,6 +232,7 @@ class Gateway:
             Route("/hooks/mlflow", self.webhook, methods=["POST"]),
             Route(RELAY_PATH, self.peer_relay, methods=["POST"]),
             *self.admin.routes(),
+            *self.traffic.routes(),
             *self.status_page.routes(),
         ]
 

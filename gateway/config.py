@@ -18,6 +18,7 @@ from runners import BatchingSpec, EndpointSpec, PoolSpec
 from runners.memory import parse_size
 
 from .auth import InferencePolicy
+from .splits import check_weights
 
 
 class ConfigError(Exception):
@@ -179,6 +180,10 @@ class EndpointConfig(_Strict):
     pinned: bool = False
     public: bool = False  # no api key needed even when auth.api_keys is set
     api_keys: list[str | None] | None = None  # this endpoint's own keys, instead of auth's
+    # A routing endpoint (gateway/splits.py): no model of its own; each request goes to an
+    # arm, by weight. Arms: aliases of the same name, or name/alias of another endpoint.
+    traffic: dict[str, Any] | None = None
+    sticky: str | None = Field(None, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # a header
 
 
 class GatewayConfig(_Strict):
@@ -202,6 +207,8 @@ class GatewayConfig(_Strict):
         """Endpoints with the defaults filled in and ``model_uri`` defaulted."""
         specs = []
         for ep in self.endpoints:
+            if ep.traffic is not None:  # a routing endpoint: no runner of its own
+                continue
             values = self.defaults.model_dump()
             values.update({k: v for k, v in ep.model_dump().items()
                            if v is not None and k not in _HTTP_ONLY})
@@ -324,6 +331,31 @@ def _errors(exc: ValidationError) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+# What only an endpoint with a runner can have; a routing endpoint's arms set it.
+_ROUTING_ONLY = {"name", "alias", "traffic", "sticky", "public", "api_keys"}
+
+
+def _routing(config: GatewayConfig) -> list[str]:
+    """Routing endpoints name declared endpoints that serve a model, with usable weights."""
+    declared = {(e.name, e.alias) for e in config.endpoints if e.traffic is None}
+    routing = {(e.name, e.alias) for e in config.endpoints if e.traffic is not None}
+    errors = []
+    for i, ep in enumerate(config.endpoints):
+        where = f"endpoints[{i}]"
+        if ep.traffic is None:
+            if ep.sticky is not None:
+                errors.append(f"{where}.sticky: only a routing endpoint (with traffic) is "
+                              "sticky")
+            continue
+        for key in sorted(ep.model_fields_set - _ROUTING_ONLY):
+            what = "has no model of its own" if key == "model_uri" else \
+                "has no runner; set it on its arms"
+            errors.append(f"{where}.{key}: a routing endpoint (traffic) {what}")
+        for arm, message in check_weights((ep.name, ep.alias), ep.traffic, declared, routing):
+            errors.append(f"{where}.traffic{'.' + arm if arm is not None else ''}: {message}")
+    return errors
+
+
 def parse_config(text: str, source: str = "<config>",
                  env: dict[str, str] | None = None) -> GatewayConfig:
     try:
@@ -341,6 +373,8 @@ def parse_config(text: str, source: str = "<config>",
         config = GatewayConfig.model_validate(expanded)
     except ValidationError as exc:
         errors += _errors(exc)
+    else:
+        errors += _routing(config)
     if errors:
         raise ConfigError(source, errors)
     return config

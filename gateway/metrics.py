@@ -116,6 +116,10 @@ class GatewayMetrics(PoolEvents):
                                        "Requests of a batching endpoint served alone instead "
                                        "of merged, by reason", ["name", "alias", "reason"],
                                        registry=r)
+        self.split_requests = Counter("model_gateway_split_requests_total",
+                                      "Requests a routing endpoint sent to each of its arms",
+                                      ["name", "alias", "arm"], registry=r)
+        self._split_children: dict[tuple[tuple[str, str], tuple[str, str]], Any] = {}
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def watch(self, pool: RunnerPool) -> None:
@@ -134,6 +138,13 @@ class GatewayMetrics(PoolEvents):
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def split_request(self, key: tuple[str, str], arm: tuple[str, str]) -> None:
+        child = self._split_children.get((key, arm))
+        if child is None:
+            child = self._split_children[(key, arm)] = self.split_requests.labels(
+                key[0], key[1], f"{arm[0]}/{arm[1]}")
+        child.inc()
 
     def client_error(self, reason: str) -> None:
         """The edge refused a request or dropped a connection (a limit or a deadline)."""

@@ -16,6 +16,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
+from urllib.parse import quote
 
 from starlette.responses import Response
 
@@ -37,9 +38,11 @@ from .history import History
 from .metrics import GatewayMetrics
 from .request import PROXIED, IncomingRequest, parse_route
 from .settings import ProxySettings
+from .splits import Key
 from .types import ASGIApp, Receive, Scope, Send
 
 access_logger = logging.getLogger("model_gateway.access")
+ARM = "model_gateway.arm"  # scope key: the arm a routing endpoint's request goes to
 
 SMALL_BODY = 256 * 1024  # request bodies up to this size are read whole, larger ones stream
 UNAUTHORIZED = [(b"www-authenticate", b'Bearer realm="model-gateway"')]
@@ -62,6 +65,8 @@ class ModelProxy:
             weakref.WeakKeyDictionary()
         self.access_log = AccessLog(access_logger)
         self.batchers: dict[tuple[str, str], Batcher] = {}
+        # Per routing endpoint, the requests each arm was sent (status: observed shares).
+        self.split_counts: dict[Key, dict[Key, int]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -97,8 +102,28 @@ class ModelProxy:
         if headers is None:
             headers = self._identities[runner] = [
                 (b"x-model-version", (runner.version or "-").encode()),
-                (b"x-model-uri", runner.model_uri.encode())]
+                (b"x-model-uri", runner.model_uri.encode()),
+                (b"x-model-alias", quote(runner.spec.alias, safe="").encode())]
         return headers
+
+    def route(self, scope: Scope, name: str, alias: str) -> tuple[Endpoint | None, Key]:
+        """The endpoint that serves a request to ``name/alias``, and the key its caller is
+        checked against: the endpoint itself, or for a routing endpoint the arm picked
+        for this request (once: a request that moves to the ASGI path keeps its arm)."""
+        key = (name, alias)
+        ep = self.pool.endpoints.get(key)
+        if ep is not None:
+            return ep, key
+        split = self.settings.splits.get(key)
+        if split is None:
+            return None, key
+        arm = scope.get(ARM)
+        if arm is None:
+            arm = scope[ARM] = split.pick(scope["headers"])
+            counts = self.split_counts.setdefault(key, {})
+            counts[arm] = counts.get(arm, 0) + 1
+            self.metrics.split_request(key, arm)
+        return self.pool.endpoints.get(arm), key
 
     def batcher(self, ep: Endpoint, request: IncomingRequest, scope: Scope) -> Batcher | None:
         """The endpoint's batcher, when the request is a prediction it has not seen yet."""
@@ -116,14 +141,14 @@ class ModelProxy:
         """The endpoint and request when ``scope`` may be served without the ASGI cycle
         (``direct.py``): declared, not refused, and a body that is absent or small enough
         to send in one piece. Anything else takes ``proxy()``, which answers it."""
-        ep = self.pool.endpoints.get((name, alias))
+        ep, key = self.route(scope, name, alias)
         if ep is None:
             return None
         request = IncomingRequest(scope, action)
         length = request.content_length
         if (length is None and request.method in ("POST", "PUT")) or \
                 (length is not None and length > SMALL_BODY) or \
-                self._refusal(request, ep.key, action, self.settings) is not None:
+                self._refusal(request, key, action, self.settings) is not None:
             return None
         return ep, request
 
@@ -149,7 +174,7 @@ class ModelProxy:
     async def proxy(self, scope: Scope, receive: Receive, send: Send,
                     name: str, alias: str, action: str) -> None:
         settings = self.settings
-        ep = self.pool.endpoints.get((name, alias))
+        ep, key = self.route(scope, name, alias)
         if ep is None:
             await send_error(send, 404, "endpoint_not_found",
                              "no endpoint is declared with that name and alias")
@@ -157,7 +182,7 @@ class ModelProxy:
         request = IncomingRequest(scope, action)
         started = time.perf_counter()
         request_id = (b"x-request-id", request.request_id)
-        refusal = self._refusal(request, ep.key, action, settings)
+        refusal = self._refusal(request, key, action, settings)
         if refusal is not None:
             status, code, message, extra = refusal
             await send_error(send, status, code, message, [*extra, request_id])

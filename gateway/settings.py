@@ -6,10 +6,12 @@ the snapshot once, so it never sees half of one config and half of another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from .auth import InferencePolicy
 from .config import GatewayConfig
+from .splits import Key, Split
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class ProxySettings:
     body_timeout: float = 30.0
     send_timeout: float = 30.0
     url_prefix: bytes = b""  # every route is under it (server.url_prefix)
+    splits: Mapping[Key, Split] = field(default_factory=dict)  # routing endpoints
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> ProxySettings:
@@ -31,4 +34,7 @@ class ProxySettings:
                    max_connections=limits.max_connections,
                    header_timeout=limits.header_timeout, body_timeout=limits.body_timeout,
                    send_timeout=limits.send_timeout,
-                   url_prefix=config.server.url_prefix.encode("ascii"))
+                   url_prefix=config.server.url_prefix.encode("ascii"),
+                   splits={(e.name, e.alias): Split.build((e.name, e.alias), e.traffic,
+                                                          e.sticky)
+                           for e in config.endpoints if e.traffic is not None})
