@@ -131,6 +131,7 @@ class Gateway:
             yield
         finally:
             self.ready = False
+            await self.proxy.shadows.close()
             if self.peers is not None:
                 await self.peers.close()
             await self.watcher.close()

@@ -18,7 +18,8 @@ from runners import BatchingSpec, EndpointSpec, PoolSpec
 from runners.memory import parse_size
 
 from .auth import InferencePolicy
-from .splits import check_weights
+from .config_source import expand, key_path_errors
+from .splits import arm_key, check_weights
 
 
 class ConfigError(Exception):
@@ -150,6 +151,20 @@ class BatchingConfig(_Strict):
     max_wait: Duration = Field(0.0, le=1.0)
 
 
+def _percent(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().endswith("%"):
+        return value.strip()[:-1]
+    return value
+
+
+class ShadowConfig(_Strict):
+    """Copies of a share of the predictions go to another endpoint (``gateway.shadow``)."""
+
+    to: str = Field(min_length=1)  # an alias of this name, or name/alias
+    percent: Annotated[float, BeforeValidator(_percent)] = Field(100.0, ge=0, le=100)
+    tolerance: float = Field(1e-6, ge=0)  # numbers agree within it, relative or absolute
+
+
 class EndpointDefaults(_Strict):
     env_manager: Literal["local", "virtualenv", "uv", "conda"] = "local"
     launcher: Literal["cli", "direct", "fork"] = "fork"
@@ -184,6 +199,7 @@ class EndpointConfig(_Strict):
     # arm, by weight. Arms: aliases of the same name, or name/alias of another endpoint.
     traffic: dict[str, Any] | None = None
     sticky: str | None = Field(None, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # a header
+    shadow: ShadowConfig | None = None
 
 
 class GatewayConfig(_Strict):
@@ -238,7 +254,8 @@ class GatewayConfig(_Strict):
                         registry_uri=self.registry_uri)
 
 
-_HTTP_ONLY = {"public", "api_keys"}  # endpoint keys the gateway uses, not the runner pool
+# Endpoint keys the gateway uses, not the runner pool.
+_HTTP_ONLY = {"public", "api_keys", "traffic", "sticky", "shadow"}
 
 
 def _duplicates(raw: dict[str, Any]) -> list[str]:
@@ -257,80 +274,6 @@ def _duplicates(raw: dict[str, Any]) -> list[str]:
     return errors
 
 
-# -- ${VAR} expansion ---------------------------------------------------------------------
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _expand(node: Any, path: str, env: dict[str, str], errors: list[str]) -> Any:
-    if isinstance(node, dict):
-        return {k: _expand(v, _join(path, k), env, errors) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_expand(v, f"{path}[{i}]", env, errors) for i, v in enumerate(node)]
-    if not isinstance(node, str):
-        return node
-
-    def sub(match: re.Match[str]) -> str:
-        name, default = match[1], match[2]
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        errors.append(f"{path or '<root>'}: environment variable {name} is not set "
-                      f"and has no default")
-        return ""
-
-    expanded = _VAR.sub(sub, node)
-    # A whole-value reference may produce a number or a boolean: let YAML type it.
-    if _VAR.fullmatch(node.strip()) and expanded != "":
-        typed = yaml.safe_load(expanded)
-        if isinstance(typed, (int, float, bool)) or typed is None:
-            return typed
-    return expanded
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-# -- pydantic errors → key paths ----------------------------------------------------------
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not str(part).startswith(("function-", "literal[", "constrained-")):
-            out = _join(out, part)
-    return out or "<root>"
-
-
-def _message(err: Any) -> str:
-    kind, ctx = err["type"], err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "required"
-    if kind == "greater_than_equal":
-        return f"must be ≥ {ctx['ge']}"
-    if kind == "greater_than":
-        return f"must be > {ctx['gt']}"
-    if kind == "less_than_equal":
-        return f"must be ≤ {ctx['le']}"
-    if kind == "literal_error":
-        return f"must be one of {ctx['expected']}"
-    if kind == "string_pattern_mismatch":
-        return "must not contain '/' or ':'"
-    if kind == "value_error" and isinstance(ctx.get("error"), Exception):
-        return str(ctx["error"])
-    return str(err["msg"])
-
-
-def _errors(exc: ValidationError) -> list[str]:
-    out = []
-    for err in exc.errors():
-        out.append(f"{_loc(tuple(err['loc']))}: {_message(err)}")
-    return list(dict.fromkeys(out))
-
-
 # What only an endpoint with a runner can have; a routing endpoint's arms set it.
 _ROUTING_ONLY = {"name", "alias", "traffic", "sticky", "public", "api_keys"}
 
@@ -346,6 +289,16 @@ def _routing(config: GatewayConfig) -> list[str]:
             if ep.sticky is not None:
                 errors.append(f"{where}.sticky: only a routing endpoint (with traffic) is "
                               "sticky")
+            if ep.shadow is not None:
+                target = arm_key(ep.name, ep.shadow.to)
+                if target == (ep.name, ep.alias):
+                    errors.append(f"{where}.shadow.to: an endpoint cannot shadow itself")
+                elif target in routing:
+                    errors.append(f"{where}.shadow.to: {target[0]}/{target[1]} routes "
+                                  "traffic; a shadow must serve a model")
+                elif target not in declared:
+                    errors.append(f"{where}.shadow.to: no endpoint {target[0]}/{target[1]} "
+                                  "is declared")
             continue
         for key in sorted(ep.model_fields_set - _ROUTING_ONLY):
             what = "has no model of its own" if key == "model_uri" else \
@@ -367,12 +320,12 @@ def parse_config(text: str, source: str = "<config>",
     if not isinstance(raw, dict):
         raise ConfigError(source, ["<root>: must be a mapping of keys"])
     errors: list[str] = []
-    expanded = _expand(raw, "", dict(os.environ if env is None else env), errors)
+    expanded = expand(raw, "", dict(os.environ if env is None else env), errors)
     errors += _duplicates(expanded)
     try:
         config = GatewayConfig.model_validate(expanded)
     except ValidationError as exc:
-        errors += _errors(exc)
+        errors += key_path_errors(exc)
     else:
         errors += _routing(config)
     if errors:

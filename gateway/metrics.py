@@ -119,6 +119,13 @@ class GatewayMetrics(PoolEvents):
         self.split_requests = Counter("model_gateway_split_requests_total",
                                       "Requests a routing endpoint sent to each of its arms",
                                       ["name", "alias", "arm"], registry=r)
+        self.shadow_requests = Counter("model_gateway_shadow_requests_total",
+                                       "Copies of predictions sent to the endpoint's shadow, "
+                                       "by outcome", ["name", "alias", "outcome"], registry=r)
+        self.shadow_seconds = Histogram("model_gateway_shadow_duration_seconds",
+                                        "Time the shadow took to answer a copy",
+                                        ["name", "alias"], buckets=LATENCY_BUCKETS,
+                                        registry=r)
         self._split_children: dict[tuple[tuple[str, str], tuple[str, str]], Any] = {}
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 

@@ -38,6 +38,7 @@ from .history import History
 from .metrics import GatewayMetrics
 from .request import PROXIED, IncomingRequest, parse_route
 from .settings import ProxySettings
+from .shadow import ShadowTraffic
 from .splits import Key
 from .types import ASGIApp, Receive, Scope, Send
 
@@ -67,6 +68,7 @@ class ModelProxy:
         self.batchers: dict[tuple[str, str], Batcher] = {}
         # Per routing endpoint, the requests each arm was sent (status: observed shares).
         self.split_counts: dict[Key, dict[Key, int]] = {}
+        self.shadows = ShadowTraffic(pool, metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -124,6 +126,13 @@ class ModelProxy:
             counts[arm] = counts.get(arm, 0) + 1
             self.metrics.split_request(key, arm)
         return self.pool.endpoints.get(arm), key
+
+    def shadow(self, ep: Endpoint, request: IncomingRequest, body: bytes | AsyncIterator[bytes],
+               status: int, answer: bytes) -> None:
+        """The endpoint answered a prediction: a copy for its shadow, if it has one."""
+        spec = self.settings.shadows.get(ep.key)
+        if spec is not None and request.action == "invocations" and isinstance(body, bytes):
+            self.shadows.offer(ep, spec, request.content_type, body, status, answer)
 
     def batcher(self, ep: Endpoint, request: IncomingRequest, scope: Scope) -> Batcher | None:
         """The endpoint's batcher, when the request is a prediction it has not seen yet."""
@@ -202,6 +211,7 @@ class ModelProxy:
                         status, served = merged[0], merged[3]
                         await _send_answer(send, *merged[:3], [*self.identity(served),
                                                                request_id])
+                        self.shadow(ep, request, body, status, merged[2])
                         return
             try:
                 runner = await self.pool.acquire(ep)
@@ -242,7 +252,9 @@ class ModelProxy:
                      "headers": [*response.headers, *identity, request_id]}
             await send(start)
             if response.complete:  # the whole answer is in: send it in one piece
-                await send({"type": "http.response.body", "body": response.read_buffered()})
+                data = response.read_buffered()
+                await send({"type": "http.response.body", "body": data})
+                self.shadow(ep, request, body, response.status, data)
             else:  # the status line is out; a failure now can only cut the answer short
                 async for chunk in response.iter_body(ep.spec.request_timeout):
                     await send({"type": "http.response.body", "body": chunk,

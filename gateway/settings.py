@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from .auth import InferencePolicy
 from .config import GatewayConfig
-from .splits import Key, Split
+from .shadow import ShadowSpec
+from .splits import Key, Split, arm_key
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ProxySettings:
     send_timeout: float = 30.0
     url_prefix: bytes = b""  # every route is under it (server.url_prefix)
     splits: Mapping[Key, Split] = field(default_factory=dict)  # routing endpoints
+    shadows: Mapping[Key, ShadowSpec] = field(default_factory=dict)  # by primary endpoint
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> ProxySettings:
@@ -37,4 +39,8 @@ class ProxySettings:
                    url_prefix=config.server.url_prefix.encode("ascii"),
                    splits={(e.name, e.alias): Split.build((e.name, e.alias), e.traffic,
                                                           e.sticky)
-                           for e in config.endpoints if e.traffic is not None})
+                           for e in config.endpoints if e.traffic is not None},
+                   shadows={(e.name, e.alias): ShadowSpec(arm_key(e.name, e.shadow.to),
+                                                          e.shadow.percent / 100,
+                                                          e.shadow.tolerance)
+                            for e in config.endpoints if e.shadow is not None})

@@ -161,6 +161,8 @@ class Endpoint:
         self.last_output: list[str] = []  # the last runner's output, kept after it exited
         # Requests per predict call over the last 100 calls (set by the gateway's batcher).
         self.mean_batch_size: float | None = None
+        # Its shadow's settings and tallies since start (set by the gateway's shadow lane).
+        self.shadow_stats: dict[str, Any] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -324,6 +326,7 @@ class Endpoint:
                 "max_batch_size": self.spec.batching.max_batch_size,
                 "max_wait_ms": round(self.spec.batching.max_wait * 1000, 3),
                 "mean_batch_size": self.mean_batch_size},
+            "shadow": self.shadow_stats,
         }
         if details:
             out["runner"] = runner.describe() if runner else None

@@ -8,6 +8,8 @@ It answers ``GET /ping`` (200), ``GET /health`` and ``GET /version``, and echoes
 gateway: ``status=N``, ``sleep=S`` (seconds before answering), ``size=N`` (a body of N
 bytes instead of the echo), ``chunked=1`` (chunked framing), ``close=1`` (no framing:
 the answer ends when the connection closes), ``crash=1`` (the process exits at once).
+A model URI named ``predict…`` makes it answer predictions instead of the echo
+(see ``read_model``).
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class Exchange(asyncio.Protocol):
             payload = b"\n"
         elif parts.path in ("/health", "/version"):
             payload = b"1.0"
+        elif parts.path == "/invocations" and method == "POST" and MODEL.get("predict"):
+            status, payload = await predict(body)
         elif parts.path == "/invocations" and method == "POST":
             payload = json.dumps({"body": body.decode("latin-1"), "headers": headers}).encode()
         else:
@@ -104,6 +108,38 @@ class Exchange(asyncio.Protocol):
             return
         data = head.encode() + b"content-length: %d\r\n\r\n" % len(payload)
         self.transport.write(data + (b"" if method == "HEAD" else payload))
+
+
+# A model URI whose last part starts with "predict" makes the runner answer like an MLflow
+# model: {"inputs": [[...], ...]} → {"predictions": [sum(row) + plus, ...]}. Further parts,
+# dash-separated: plusX (added to each prediction), sleepS (seconds before answering),
+# fail (answer 500).
+MODEL: dict[str, float] = {}
+
+
+def read_model(uri: str | None) -> dict[str, float]:
+    name = (uri or "").rstrip("/").rsplit("/", 1)[-1]
+    if not name.startswith("predict"):
+        return {}
+    model = {"predict": 1.0}
+    for part in name.split("-")[1:]:
+        for key in ("plus", "sleep", "fail"):
+            if part.startswith(key):
+                model[key] = float(part[len(key):] or 1)
+    return model
+
+
+async def predict(body: bytes) -> tuple[int, bytes]:
+    if MODEL.get("sleep"):
+        await asyncio.sleep(MODEL["sleep"])
+    if MODEL.get("fail"):
+        return 500, b'{"error_code": "INTERNAL_ERROR", "message": "failing on purpose"}'
+    try:
+        rows = json.loads(body)["inputs"]
+        predictions = [sum(row) + MODEL.get("plus", 0.0) for row in rows]
+    except (ValueError, KeyError, TypeError):
+        return 400, b'{"error_code": "BAD_REQUEST", "message": "expected inputs"}'
+    return 200, json.dumps({"predictions": predictions}).encode()
 
 
 async def main(port: int | None, path: str | None) -> None:
@@ -132,6 +168,7 @@ if __name__ == "__main__":
     parser.add_argument("--model-uri")  # what runners.serve takes; ignored here
     parser.add_argument("--title")
     args, _ = parser.parse_known_args()
+    MODEL.update(read_model(args.model_uri))
     try:
         asyncio.run(main(args.port, args.unix_socket))
     except KeyboardInterrupt:
