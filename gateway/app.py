@@ -132,6 +132,7 @@ class Gateway:
         finally:
             self.ready = False
             await self.proxy.shadows.close()
+            await asyncio.to_thread(self.proxy.logs.close)  # what is buffered is written
             if self.peers is not None:
                 await self.peers.close()
             await self.watcher.close()

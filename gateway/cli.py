@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -61,7 +62,8 @@ def run(config: GatewayConfig, config_path: str | None = None) -> int:
 def check_config(path: str) -> int:
     config = load_config(path)
     print(json.dumps({"server": config.server.model_dump(), "pool": config.pool.model_dump(),
-                      "endpoints": [vars(s) for s in config.endpoint_specs()]}, indent=2))
+                      "endpoints": [dataclasses.asdict(s) for s in config.endpoint_specs()]},
+                     indent=2))
     return 0
 
 

@@ -12,14 +12,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BeforeValidator, Field, ValidationError
 
 from runners import BatchingSpec, EndpointSpec, PoolSpec
-from runners.memory import parse_size
 
 from .auth import InferencePolicy
 from .config_source import expand, key_path_errors
-from .splits import arm_key, check_weights
+from .config_traffic import (
+    BatchingConfig,
+    InferenceLogConfig,
+    ShadowConfig,
+    off_when_false,
+    routing_errors,
+)
+from .config_types import NAME, Duration, Size, Strict, parse_residency
 
 
 class ConfigError(Exception):
@@ -29,44 +35,6 @@ class ConfigError(Exception):
         self.source = source
         self.errors = errors
         super().__init__(f"{source}: invalid config\n" + "\n".join(f"  {e}" for e in errors))
-
-
-# -- scalar types -------------------------------------------------------------------------
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
-
-
-def parse_duration(value: Any) -> float:
-    """``90``, ``"90s"``, ``"5m"``, ``"1h"``, ``"250ms"`` → seconds."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration such as 90, 90s, 5m or 1h")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("must not be negative")
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"must be a duration such as 90, 90s, 5m or 1h, not {value!r}")
-    return float(match[1]) * _UNITS[match[2]]
-
-
-def parse_residency(value: Any) -> float | None:
-    """``auto`` (None: as long as the runner took to start) or a duration."""
-    if value == "auto" or value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError:
-        raise ValueError(f"must be auto or a duration such as 2s, not {value!r}") from None
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Size = Annotated[int, BeforeValidator(parse_size)]
-_NAME = r"^[^/:]+$"  # MLflow allows every character in a model name but '/' and ':'
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _url_prefix(value: Any) -> Any:
@@ -83,7 +51,7 @@ def _url_prefix(value: Any) -> Any:
     return value
 
 
-class ServerConfig(_Strict):
+class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     # Behind a proxy that forwards /<prefix>/… unchanged (ADSP's url prefix): every route,
@@ -91,7 +59,7 @@ class ServerConfig(_Strict):
     url_prefix: Annotated[str, BeforeValidator(_url_prefix)] = ""
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(Strict):
     """What one client may cost the gateway; every phase of a request has a deadline."""
 
     max_connections: int = Field(4096, ge=1)  # more are closed as they arrive
@@ -100,7 +68,7 @@ class LimitsConfig(_Strict):
     send_timeout: Duration = Field(30.0, gt=0)  # a caller that reads nothing this long
 
 
-class PoolConfig(_Strict):
+class PoolConfig(Strict):
     max_runners: int = Field(8, ge=1)
     idle_timeout: Duration = 600.0
     queue_timeout: Duration = 30.0
@@ -119,7 +87,7 @@ def _peer_address(value: Any) -> Any:
     return value
 
 
-class PeersConfig(_Strict):
+class PeersConfig(Strict):
     """How to find the other replicas, to relay webhooks and reloads to them."""
 
     addresses: list[Annotated[str, BeforeValidator(_peer_address)]] = Field(
@@ -132,40 +100,12 @@ class PeersConfig(_Strict):
         return bool(self.addresses or self.dns)
 
 
-class AuthConfig(_Strict):
+class AuthConfig(Strict):
     admin_tokens: list[str | None] = Field(default_factory=list)
     api_keys: list[str | None] = Field(default_factory=list)
 
 
-def _batching(value: Any) -> Any:
-    return {"enabled": False} if value is False else value
-
-
-class BatchingConfig(_Strict):
-    """Merge concurrent prediction requests into one predict call (``gateway.batching``)."""
-
-    enabled: bool = True  # `batching: false` on an endpoint: off, whatever defaults say
-    max_batch_size: int = Field(64, ge=1, le=4096)  # requests in one predict call
-    # 0: opportunistic (only requests that queue while the runner is busy are merged);
-    # > 0: the first request of a batch waits at most this long for companions.
-    max_wait: Duration = Field(0.0, le=1.0)
-
-
-def _percent(value: Any) -> Any:
-    if isinstance(value, str) and value.strip().endswith("%"):
-        return value.strip()[:-1]
-    return value
-
-
-class ShadowConfig(_Strict):
-    """Copies of a share of the predictions go to another endpoint (``gateway.shadow``)."""
-
-    to: str = Field(min_length=1)  # an alias of this name, or name/alias
-    percent: Annotated[float, BeforeValidator(_percent)] = Field(100.0, ge=0, le=100)
-    tolerance: float = Field(1e-6, ge=0)  # numbers agree within it, relative or absolute
-
-
-class EndpointDefaults(_Strict):
+class EndpointDefaults(Strict):
     env_manager: Literal["local", "virtualenv", "uv", "conda"] = "local"
     launcher: Literal["cli", "direct", "fork"] = "fork"
     workers: int = Field(1, ge=1)
@@ -175,12 +115,14 @@ class EndpointDefaults(_Strict):
     drain_timeout: Duration = 30.0
     max_concurrency: int = Field(0, ge=0)
     # absent: every request is its own predict call
-    batching: Annotated[BatchingConfig | None, BeforeValidator(_batching)] = None
+    batching: Annotated[BatchingConfig | None, BeforeValidator(off_when_false)] = None
+    inference_log: Annotated[InferenceLogConfig | None,
+                             BeforeValidator(off_when_false)] = None
 
 
-class EndpointConfig(_Strict):
-    name: str = Field(min_length=1, pattern=_NAME)
-    alias: str = Field(min_length=1, pattern=_NAME)
+class EndpointConfig(Strict):
+    name: str = Field(min_length=1, pattern=NAME)
+    alias: str = Field(min_length=1, pattern=NAME)
     model_uri: str | None = None
     env_manager: Literal["local", "virtualenv", "uv", "conda"] | None = None
     launcher: Literal["cli", "direct", "fork"] | None = None
@@ -190,7 +132,9 @@ class EndpointConfig(_Strict):
     poll_interval: Duration | None = Field(None, gt=0)
     drain_timeout: Duration | None = None
     max_concurrency: int | None = Field(None, ge=0)
-    batching: Annotated[BatchingConfig | None, BeforeValidator(_batching)] = None
+    batching: Annotated[BatchingConfig | None, BeforeValidator(off_when_false)] = None
+    inference_log: Annotated[InferenceLogConfig | None,
+                             BeforeValidator(off_when_false)] = None
     preload: bool = False
     pinned: bool = False
     public: bool = False  # no api key needed even when auth.api_keys is set
@@ -202,7 +146,7 @@ class EndpointConfig(_Strict):
     shadow: ShadowConfig | None = None
 
 
-class GatewayConfig(_Strict):
+class GatewayConfig(Strict):
     tracking_uri: str | None = None
     registry_uri: str | None = None
     webhook_secret: str | None = None
@@ -228,6 +172,8 @@ class GatewayConfig(_Strict):
             values = self.defaults.model_dump()
             values.update({k: v for k, v in ep.model_dump().items()
                            if v is not None and k not in _HTTP_ONLY})
+            for key in _HTTP_ONLY:  # defaults have some of these too
+                values.pop(key, None)
             values["model_uri"] = ep.model_uri or f"models:/{ep.name}@{ep.alias}"
             batching = self.defaults.batching if ep.batching is None else ep.batching
             values["batching"] = BatchingSpec(batching.max_batch_size, batching.max_wait) \
@@ -255,7 +201,8 @@ class GatewayConfig(_Strict):
 
 
 # Endpoint keys the gateway uses, not the runner pool.
-_HTTP_ONLY = {"public", "api_keys", "traffic", "sticky", "shadow"}
+_HTTP_ONLY = {"public", "api_keys", "traffic", "sticky", "shadow",
+              "inference_log"}
 
 
 def _duplicates(raw: dict[str, Any]) -> list[str]:
@@ -271,41 +218,6 @@ def _duplicates(raw: dict[str, Any]) -> list[str]:
                               f"(first declared at endpoints[{seen[key]}])")
             else:
                 seen[key] = i
-    return errors
-
-
-# What only an endpoint with a runner can have; a routing endpoint's arms set it.
-_ROUTING_ONLY = {"name", "alias", "traffic", "sticky", "public", "api_keys"}
-
-
-def _routing(config: GatewayConfig) -> list[str]:
-    """Routing endpoints name declared endpoints that serve a model, with usable weights."""
-    declared = {(e.name, e.alias) for e in config.endpoints if e.traffic is None}
-    routing = {(e.name, e.alias) for e in config.endpoints if e.traffic is not None}
-    errors = []
-    for i, ep in enumerate(config.endpoints):
-        where = f"endpoints[{i}]"
-        if ep.traffic is None:
-            if ep.sticky is not None:
-                errors.append(f"{where}.sticky: only a routing endpoint (with traffic) is "
-                              "sticky")
-            if ep.shadow is not None:
-                target = arm_key(ep.name, ep.shadow.to)
-                if target == (ep.name, ep.alias):
-                    errors.append(f"{where}.shadow.to: an endpoint cannot shadow itself")
-                elif target in routing:
-                    errors.append(f"{where}.shadow.to: {target[0]}/{target[1]} routes "
-                                  "traffic; a shadow must serve a model")
-                elif target not in declared:
-                    errors.append(f"{where}.shadow.to: no endpoint {target[0]}/{target[1]} "
-                                  "is declared")
-            continue
-        for key in sorted(ep.model_fields_set - _ROUTING_ONLY):
-            what = "has no model of its own" if key == "model_uri" else \
-                "has no runner; set it on its arms"
-            errors.append(f"{where}.{key}: a routing endpoint (traffic) {what}")
-        for arm, message in check_weights((ep.name, ep.alias), ep.traffic, declared, routing):
-            errors.append(f"{where}.traffic{'.' + arm if arm is not None else ''}: {message}")
     return errors
 
 
@@ -327,7 +239,7 @@ def parse_config(text: str, source: str = "<config>",
     except ValidationError as exc:
         errors += key_path_errors(exc)
     else:
-        errors += _routing(config)
+        errors += routing_errors(config)
     if errors:
         raise ConfigError(source, errors)
     return config

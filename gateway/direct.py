@@ -107,7 +107,7 @@ class DirectExchange:
                 head_only=False, has_length=False)
         self.proxy.record(self.scope, self.ep, runner, status, self.started,
                           request.request_id)
-        self.proxy.shadow(self.ep, request, self.body, status, body)
+        self.proxy.answered(self.ep, request, self.body, status, body, runner)
         self.connection.finish()
 
     def go(self) -> None:
@@ -149,7 +149,7 @@ class DirectExchange:
                                                 head_only=request.method == "HEAD",
                                                 has_length=conn.has_length):
                 return False
-        self.proxy.shadow(self.ep, request, self.body, status, conn.peek_body())
+        self.proxy.answered(self.ep, request, self.body, status, conn.peek_body(), runner)
         runner.client.finish(conn)
         self._finish(status)
         self.connection.finish()

@@ -126,6 +126,9 @@ class GatewayMetrics(PoolEvents):
                                         "Time the shadow took to answer a copy",
                                         ["name", "alias"], buckets=LATENCY_BUCKETS,
                                         registry=r)
+        self.inference_log = Counter("model_gateway_inference_log_lines_total",
+                                     "Inference log lines written, or dropped when the disk "
+                                     "could not keep up", ["result"], registry=r)
         self._split_children: dict[tuple[tuple[str, str], tuple[str, str]], Any] = {}
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
@@ -152,6 +155,10 @@ class GatewayMetrics(PoolEvents):
             child = self._split_children[(key, arm)] = self.split_requests.labels(
                 key[0], key[1], f"{arm[0]}/{arm[1]}")
         child.inc()
+
+    def inference_log_lines(self, result: str, count: int) -> None:
+        """Called from the log's writer thread too: prometheus counters are thread-safe."""
+        self.inference_log.labels(result).inc(count)
 
     def client_error(self, reason: str) -> None:
         """The edge refused a request or dropped a connection (a limit or a deadline)."""

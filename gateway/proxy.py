@@ -35,8 +35,9 @@ from .auth import InferencePolicy
 from .batching import SEEN, SLOT, Batcher
 from .errors import Refusal, json_error, map_error, send_error
 from .history import History
+from .inference_log import Body, InferenceLogs
 from .metrics import GatewayMetrics
-from .request import PROXIED, IncomingRequest, parse_route
+from .request import PROXIED, ROUTE, IncomingRequest, parse_route
 from .settings import ProxySettings
 from .shadow import ShadowTraffic
 from .splits import Key
@@ -68,7 +69,8 @@ class ModelProxy:
         self.batchers: dict[tuple[str, str], Batcher] = {}
         # Per routing endpoint, the requests each arm was sent (status: observed shares).
         self.split_counts: dict[Key, dict[Key, int]] = {}
-        self.shadows = ShadowTraffic(pool, metrics)
+        self.shadows = ShadowTraffic(pool, metrics, self.shadow_outcome)
+        self.logs = InferenceLogs(metrics.inference_log_lines)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -122,17 +124,45 @@ class ModelProxy:
         arm = scope.get(ARM)
         if arm is None:
             arm = scope[ARM] = split.pick(scope["headers"])
+            scope[ROUTE] = key
             counts = self.split_counts.setdefault(key, {})
             counts[arm] = counts.get(arm, 0) + 1
             self.metrics.split_request(key, arm)
         return self.pool.endpoints.get(arm), key
 
-    def shadow(self, ep: Endpoint, request: IncomingRequest, body: bytes | AsyncIterator[bytes],
-               status: int, answer: bytes) -> None:
-        """The endpoint answered a prediction: a copy for its shadow, if it has one."""
-        spec = self.settings.shadows.get(ep.key)
-        if spec is not None and request.action == "invocations" and isinstance(body, bytes):
-            self.shadows.offer(ep, spec, request.content_type, body, status, answer)
+    def answered(self, ep: Endpoint, request: IncomingRequest,
+                 body: bytes | AsyncIterator[bytes], status: int, answer: bytes,
+                 runner: Runner) -> None:
+        """The endpoint's whole answer was sent: a copy for its shadow and a line for its
+        inference log, when it has them and this is a prediction in their share."""
+        settings = self.settings
+        if request.action != "invocations" or not isinstance(body, bytes) or \
+                not (settings.shadows or settings.logs):
+            return
+        spec = settings.shadows.get(ep.key)
+        if spec is not None:
+            self.shadows.offer(ep, spec, request.content_type, body, status, answer,
+                               request.request_id)
+        logs = settings.logs.get(ep.key)
+        if logs is not None and (file := self.logs.sampled(ep.key, logs)) is not None:
+            file.add({
+                "time": round(time.time(), 3), "endpoint": ep.label,
+                "route": f"{request.route[0]}/{request.route[1]}" if request.route else None,
+                "version": runner.version, "model_uri": runner.model_uri,
+                "request_id": request.request_id.decode("latin-1"), "status": status,
+                "latency_ms": round((time.perf_counter() - request.started) * 1000, 3),
+                "request": Body(body, request.content_type, logs.max_body),
+                "response": Body(answer, None, logs.max_body)})
+
+    def shadow_outcome(self, ep: Endpoint, request_id: bytes, to: Key, outcome: str,
+                       seconds: float) -> None:
+        """A shadow's comparison, for the primary's inference log."""
+        logs = self.settings.logs.get(ep.key)
+        if logs is not None and (file := self.logs.sampled(ep.key, logs)) is not None:
+            file.add({"time": round(time.time(), 3), "endpoint": ep.label,
+                      "request_id": request_id.decode("latin-1"),
+                      "shadow": f"{to[0]}/{to[1]}", "outcome": outcome,
+                      "latency_ms": round(seconds * 1000, 3)})
 
     def batcher(self, ep: Endpoint, request: IncomingRequest, scope: Scope) -> Batcher | None:
         """The endpoint's batcher, when the request is a prediction it has not seen yet."""
@@ -211,7 +241,7 @@ class ModelProxy:
                         status, served = merged[0], merged[3]
                         await _send_answer(send, *merged[:3], [*self.identity(served),
                                                                request_id])
-                        self.shadow(ep, request, body, status, merged[2])
+                        self.answered(ep, request, body, status, merged[2], served)
                         return
             try:
                 runner = await self.pool.acquire(ep)
@@ -254,7 +284,7 @@ class ModelProxy:
             if response.complete:  # the whole answer is in: send it in one piece
                 data = response.read_buffered()
                 await send({"type": "http.response.body", "body": data})
-                self.shadow(ep, request, body, response.status, data)
+                self.answered(ep, request, body, response.status, data, runner)
             else:  # the status line is out; a failure now can only cut the answer short
                 async for chunk in response.iter_body(ep.spec.request_timeout):
                     await send({"type": "http.response.body", "body": chunk,

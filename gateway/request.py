@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from urllib.parse import unquote
 
 from .types import Scope
+
+ROUTE = "model_gateway.route"  # scope key: the routing endpoint a request came through
 
 # The proxied actions and the method each accepts (HEAD also, except on invocations).
 PROXIED = {"invocations": "POST", "ping": "GET", "health": "GET", "version": "GET"}
@@ -51,11 +54,14 @@ class IncomingRequest:
     """
 
     __slots__ = ("action", "authorization", "content_length", "content_type", "head",
-                 "header_bytes", "method", "request_id")
+                 "header_bytes", "method", "request_id", "route", "started")
 
     def __init__(self, scope: Scope, action: str) -> None:
         self.method: str = scope["method"]
         self.action = action
+        self.started = time.perf_counter()
+        # The routing endpoint it came through (``splits``), else None.
+        self.route: tuple[str, str] | None = scope.get(ROUTE)
         query: bytes = scope.get("query_string") or b""
         parts = [self.method.encode(), b" /", action.encode(), b"?" if query else b"", query,
                  b" HTTP/1.1\r\n"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .auth import InferencePolicy
 from .config import GatewayConfig
+from .inference_log import LogSpec
 from .shadow import ShadowSpec
 from .splits import Key, Split, arm_key
 
@@ -27,6 +28,7 @@ class ProxySettings:
     url_prefix: bytes = b""  # every route is under it (server.url_prefix)
     splits: Mapping[Key, Split] = field(default_factory=dict)  # routing endpoints
     shadows: Mapping[Key, ShadowSpec] = field(default_factory=dict)  # by primary endpoint
+    logs: Mapping[Key, LogSpec] = field(default_factory=dict)  # endpoints that log
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> ProxySettings:
@@ -43,4 +45,16 @@ class ProxySettings:
                    shadows={(e.name, e.alias): ShadowSpec(arm_key(e.name, e.shadow.to),
                                                           e.shadow.percent / 100,
                                                           e.shadow.tolerance)
-                            for e in config.endpoints if e.shadow is not None})
+                            for e in config.endpoints if e.shadow is not None},
+                   logs=_logs(config))
+
+
+def _logs(config: GatewayConfig) -> dict[Key, LogSpec]:
+    """Each endpoint's inference log (its own, else the defaults'), when it has one."""
+    out = {}
+    for e in config.endpoints:
+        log = config.defaults.inference_log if e.inference_log is None else e.inference_log
+        if log and log.enabled and log.path and e.traffic is None:
+            out[(e.name, e.alias)] = LogSpec(log.path, log.sample / 100, log.max_body,
+                                             log.max_file_size, log.keep)
+    return out

@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ class _Copy:
     body: bytes
     status: int
     answer: bytes
+    request_id: bytes
 
 
 class _Lane:
@@ -75,14 +77,19 @@ class _Lane:
                 "agreement": round(self.counts["match"] / compared, 4) if compared else None}
 
 
+Outcome = Callable[[Endpoint, bytes, Key, str, float], None]
+
+
 class ShadowTraffic:
-    def __init__(self, pool: RunnerPool, metrics: GatewayMetrics) -> None:
+    def __init__(self, pool: RunnerPool, metrics: GatewayMetrics,
+                 on_outcome: Outcome | None = None) -> None:
         self.pool = pool
         self.metrics = metrics
+        self._on_outcome = on_outcome  # (primary, request id, shadow, outcome, seconds)
         self._lanes: dict[Key, _Lane] = {}
 
     def offer(self, ep: Endpoint, spec: ShadowSpec, content_type: bytes | None, body: bytes,
-              status: int, answer: bytes) -> None:
+              status: int, answer: bytes, request_id: bytes = b"") -> None:
         """The primary answered ``status``/``answer``: send a copy to the shadow, when
         this request is in its share and its queue has room. Never waits."""
         lane = self._lanes.get(ep.key)
@@ -92,7 +99,7 @@ class ShadowTraffic:
             return
         try:
             lane.queue.put_nowait(_Copy(content_type or b"application/json", body, status,
-                                        answer))
+                                        answer, request_id))
         except asyncio.QueueFull:
             self._count(lane, "dropped")
 
@@ -134,9 +141,12 @@ class ShadowTraffic:
             except Exception as exc:  # noqa: BLE001 - a shadow's failure is only counted
                 log.debug("shadow call to %s failed: %s", lane.spec.to, exc)
                 outcome = "error"
+            seconds = time.perf_counter() - started
             self.metrics.shadow_seconds.labels(lane.ep.spec.name, lane.ep.spec.alias
-                                               ).observe(time.perf_counter() - started)
+                                               ).observe(seconds)
             self._count(lane, outcome)
+            if self._on_outcome is not None:
+                self._on_outcome(lane.ep, copy.request_id, lane.spec.to, outcome, seconds)
 
     async def _call(self, to: Key, copy: _Copy) -> tuple[int, bytes]:
         shadow = self.pool.endpoints.get(to)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config, parse_config, parse_duration
+from gateway.config import ConfigError, load_config, parse_config
+from gateway.config_types import parse_duration
 from tests.conftest import ROOT
 
 BAD = """
@@ -96,6 +97,9 @@ def test_check_config_cli(tmp_path: Path) -> None:
     good = _cli("check-config", str(ROOT / "config" / "gateway.yaml"))
     assert good.returncode == 0, good.stderr
     assert '"model_uri": "models:/diabetes/Production"' in good.stdout
+    every_key = _cli("check-config", str(ROOT / "config" / "example.yaml"))
+    assert every_key.returncode == 0, every_key.stderr
+    assert '"max_batch_size": 32' in every_key.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD)
     out = _cli("check-config", str(bad))

@@ -31,7 +31,7 @@ import psutil
 import pytest
 import yaml
 
-from gateway.config import parse_duration
+from gateway.config_types import parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
