@@ -46,6 +46,10 @@ class AdminAPI:
                               {"WWW-Authenticate": 'Bearer realm="model-gateway-admin"'})
         return None
 
+    def check(self, request: Request) -> Response | None:
+        """None when ``request`` carries an admin token, else the answer refusing it."""
+        return self._refused(request)
+
     def guarded(self, handler: Callable[..., Awaitable[Response]]
                 ) -> Callable[[Request], Awaitable[Response]]:
         async def route(request: Request) -> Response:

@@ -16,19 +16,24 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runners import EventFanout, Fork, RunnerPool, VersionWatcher
+from runners.signature import ModelCatalog
 
 from .admin import AdminAPI
 from .auth import TokenSet
 from .config import ConfigError, GatewayConfig
+from .declared import DeclaredEndpoints, DeploymentsAPI
+from .docs_page import DocsPage
 from .errors import json_error, not_declared
 from .history import History
 from .metrics import CONTENT_TYPE, GatewayMetrics
+from .openapi import base_document, build
 from .peers import RELAY_PATH, SIGNATURE, Peers, PeerVerifier, own_hosts
 from .proxy import ModelProxy, access_logger
 from .reload import ConfigReloader
 from .settings import ProxySettings
 from .status_page import StatusPage
 from .traffic import TrafficAPI
+from .v2 import OpenInference
 from .webhooks import WebhookRejected, WebhookVerifier
 
 log = logging.getLogger("model_gateway")
@@ -41,6 +46,9 @@ class Gateway:
                  config_path: str | None = None, fork: Fork | None = None) -> None:
         """``fork``: where the fork launcher's runners come from (default: the zygote)."""
         self.owner = owner or f"gateway@{config.server.host}:{config.server.port}"
+        # Endpoints declared at run time (state_dir) join the file's from the start.
+        self.declared = DeclaredEndpoints(config.state_dir, config_path)
+        config = self.declared.merge(config)
         self.metrics = GatewayMetrics()
         self.history = History()  # what the status page draws
         self.pool = RunnerPool(config.pool_spec(), config.endpoint_specs(), self.owner,
@@ -49,12 +57,18 @@ class Gateway:
         self.history.watch(self.pool)
         self.watcher = VersionWatcher(self.pool)
         self.reloader = ConfigReloader(self.pool, self.watcher, config, config_path, self.apply)
+        self.reloader.merge = self.declared.merge
         self.admin = AdminAPI(self.pool, self.watcher, self.reloader, lambda: self.admin_tokens,
                               self.relay)
         self.admin_tokens = TokenSet([])
-        self.traffic = TrafficAPI(lambda: self.proxy, self.pool, self.admin.guarded)
         self.status_page = StatusPage(self.pool, self.history, lambda: self.proxy.settings.policy,
                                       lambda: self.admin_tokens)
+        self.catalog = ModelCatalog(self.pool)  # signatures: V2 metadata, OpenAPI
+        self.v2 = OpenInference(self.pool, self.catalog, lambda: self.proxy, lambda: self.ready)
+        self.docs = DocsPage()
+        self.traffic = TrafficAPI(lambda: self.proxy, self.pool, self.admin.guarded)
+        self.deployments = DeploymentsAPI(self.declared, self.admin.check, self.reloader.apply,
+                                          self._status)
         self.webhooks: WebhookVerifier | None = None
         self.instance = uuid.uuid4().hex  # this process, in its relays to peers
         self.peers: Peers | None = None
@@ -64,7 +78,8 @@ class Gateway:
         # No redirect to the path with(out) a trailing slash: Starlette would build it from
         # the caller's Host header.
         app.router.redirect_slashes = False
-        self.proxy = ModelProxy(app, self.pool, self.metrics, self.history)
+        self.proxy = ModelProxy(self.v2.front(app), self.pool, self.metrics, self.history)
+        self.proxy.v2 = self.v2  # V2 inferences on the server's direct path too
         self.apply(config)
         self.ready = False
         self._hangup = asyncio.Event()
@@ -75,6 +90,7 @@ class Gateway:
         self.admin_tokens = TokenSet(config.auth.admin_tokens)
         self.proxy.settings = ProxySettings.from_config(config)
         access_logger.disabled = not config.access_log
+        self.v2.defaults = {e.name: e.alias for e in config.endpoints if e.default}
         if self.webhooks is None or self.webhooks.secret != config.webhook_secret:
             self.webhooks = WebhookVerifier(config.webhook_secret) if config.webhook_secret \
                 else None
@@ -221,6 +237,17 @@ class Gateway:
                  message.model)
         return JSONResponse({"refreshing": [ep.label for ep in hits]})
 
+    def _status(self, key: tuple[str, str]) -> dict[str, Any] | None:
+        ep = self.pool.endpoints.get(key)
+        return ep.status(details=False) if ep is not None else None
+
+    async def openapi(self, request: Request) -> Response:
+        """The OpenAPI document, with the endpoints the caller may call."""
+        policy, key = self.proxy.settings.policy, request.headers.get("authorization")
+        visible = [ep for ep in self.pool.endpoints.values() if policy.allows(ep.key, key)]
+        base = base_document(self.proxy.settings.url_prefix.decode())
+        return JSONResponse(await build(visible, self.catalog.metadata, base))
+
     async def metrics_route(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -236,6 +263,10 @@ class Gateway:
             *self.admin.routes(),
             *self.traffic.routes(),
             *self.status_page.routes(),
+            *self.v2.routes(),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
+            *self.docs.routes(),
+            *self.deployments.routes(),
         ]
 
 

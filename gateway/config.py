@@ -51,6 +51,17 @@ def _url_prefix(value: Any) -> Any:
     return value
 
 
+def _state_dir(value: Any) -> Any:
+    """A directory the gateway may write (made when missing); never the config file."""
+    if not isinstance(value, str) or not value.strip():
+        return None if isinstance(value, str) else value
+    path = Path(value).expanduser()
+    found = next(p for p in (path, *path.parents) if p.exists())
+    if (found == path and not path.is_dir()) or not os.access(found, os.W_OK):
+        raise ValueError(f"{value!r} is not a directory the gateway can write")
+    return str(path)
+
+
 class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -139,6 +150,7 @@ class EndpointConfig(Strict):
     pinned: bool = False
     public: bool = False  # no api key needed even when auth.api_keys is set
     api_keys: list[str | None] | None = None  # this endpoint's own keys, instead of auth's
+    default: bool = False  # the V2 route /v2/models/<name> without a version goes here
     # A routing endpoint (gateway/splits.py): no model of its own; each request goes to an
     # arm, by weight. Arms: aliases of the same name, or name/alias of another endpoint.
     traffic: dict[str, Any] | None = None
@@ -151,6 +163,8 @@ class GatewayConfig(Strict):
     registry_uri: str | None = None
     webhook_secret: str | None = None
     env_cache_dir: str | None = None  # model environments for env_manager uv/virtualenv/conda
+    # Endpoints declared at run time (admin API, `mlflow deployments`) are kept here.
+    state_dir: Annotated[str | None, BeforeValidator(_state_dir)] = None
     access_log: bool = True  # one line per proxied request
     log_format: Literal["text", "json"] = "text"
     max_body_size: Size = Field(64 * 2**20, ge=1)  # 413 beyond it, chunked bodies too
@@ -201,7 +215,7 @@ class GatewayConfig(Strict):
 
 
 # Endpoint keys the gateway uses, not the runner pool.
-_HTTP_ONLY = {"public", "api_keys", "traffic", "sticky", "shadow",
+_HTTP_ONLY = {"public", "api_keys", "default", "traffic", "sticky", "shadow",
               "inference_log"}
 
 
@@ -221,6 +235,22 @@ def _duplicates(raw: dict[str, Any]) -> list[str]:
     return errors
 
 
+def _defaults(raw: dict[str, Any]) -> list[str]:
+    """At most one ``default: true`` endpoint per model name (the V2 route's target)."""
+    first: dict[str, int] = {}
+    errors = []
+    endpoints = raw.get("endpoints")
+    for i, ep in enumerate(endpoints if isinstance(endpoints, list) else []):
+        if isinstance(ep, dict) and ep.get("default") is True and "name" in ep:
+            name = str(ep["name"])
+            if name in first:
+                errors.append(f"endpoints[{i}].default: model {name} already has a default "
+                              f"endpoint (endpoints[{first[name]}])")
+            else:
+                first[name] = i
+    return errors
+
+
 def parse_config(text: str, source: str = "<config>",
                  env: dict[str, str] | None = None) -> GatewayConfig:
     try:
@@ -234,6 +264,7 @@ def parse_config(text: str, source: str = "<config>",
     errors: list[str] = []
     expanded = expand(raw, "", dict(os.environ if env is None else env), errors)
     errors += _duplicates(expanded)
+    errors += _defaults(expanded)
     try:
         config = GatewayConfig.model_validate(expanded)
     except ValidationError as exc:

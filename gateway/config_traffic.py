@@ -59,7 +59,7 @@ class InferenceLogConfig(Strict):
 
 
 # What only an endpoint with a runner can have; a routing endpoint's arms set it.
-ROUTING_ONLY = {"name", "alias", "traffic", "sticky", "public", "api_keys"}
+ROUTING_ONLY = {"name", "alias", "traffic", "sticky", "public", "api_keys", "default"}
 
 
 def routing_errors(config: Any) -> list[str]:

@@ -115,18 +115,31 @@ class DirectExchange:
         ep = self.ep
         runner = self.proxy.pool.acquire_now(ep)
         if runner is None:
-            self.connection.fall_back(self.proxy, self.body)
+            self.connection.fall_back(*self.unsent())
             return
         timeout = ep.spec.request_timeout
         self.runner = runner
         self.deadline = time.monotonic() + timeout
         conn = self.conn = runner.client.take()
-        if conn is None:  # relay() connects, on the runner already bound
-            self.connection.fall_back(self._relay, self.body)
+        if conn is None:
+            self.no_connection()
             return
         self.timer = self.loop.call_later(timeout, self.answered)
         conn.listener = self.answered
         runner.client.send(conn, self.request, self.body)
+
+    # -- where the ordinary path takes over (a V2 exchange takes over elsewhere) ----------
+    def unsent(self) -> tuple[ASGIApp, bytes]:
+        """The app and body that serve the request from the start (nothing was sent)."""
+        return self.proxy, self.body
+
+    def no_connection(self) -> None:
+        """A runner is bound but has no idle connection: relay() connects on it."""
+        self.connection.fall_back(self._relay, self.body)
+
+    def sent(self) -> tuple[ASGIApp, bytes]:
+        """The app and body that finish an exchange whose request went out on ``conn``."""
+        return self._relay, self.body
 
     def answered(self) -> None:
         """The answer is complete, or streaming, or failed, or the timeout is up."""
@@ -137,7 +150,7 @@ class DirectExchange:
         if conn.complete and conn.error is None and self._respond(conn, self.runner):
             return
         # relay() reads the error or the timeout from the connection and answers
-        self.connection.fall_back(self._relay, self.body)
+        self.connection.fall_back(*self.sent())
 
     def _respond(self, conn: RunnerConnection, runner: Runner) -> bool:
         request, status = self.request, conn.status

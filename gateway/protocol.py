@@ -42,6 +42,7 @@ from .edge import LINGER_RESET, Deadline, HeadMeter
 from .proxy import ModelProxy
 from .request import PROXIED, parse_route
 from .types import ASGIApp
+from .v2_direct import V2_INFER, V2Direct, V2Exchange, parse_infer
 from .wire import STATUS_LINE, answer, refusal
 
 log = logging.getLogger("model_gateway")
@@ -361,9 +362,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.proxy.metrics.client_error(reason)
 
     def _direct_exchange(self) -> DirectExchange | None:
-        """A DirectExchange for this request, or None when it takes the ASGI path: not
-        a proxied route, refused, a body to stream, 100-continue, an upgrade, a
-        concurrency limit, or pipelined behind a request still being answered."""
+        """A DirectExchange (or V2Exchange) for this request, or None: the ASGI path for
+        other routes, refusals, streamed bodies, 100-continue, upgrades, pipelining."""
         proxy, cycle = self.proxy, self.cycle
         if self.expect_100_continue or self.limit_concurrency is not None \
                 or (cycle is not None and not cycle.response_complete):
@@ -372,7 +372,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         raw_path = self.root_path.encode("ascii") + parsed.path
         route = parse_route(raw_path, proxy.settings.url_prefix)
         if route is None or route[2] not in PROXIED:
-            return None
+            route = parse_infer(raw_path, proxy.settings.url_prefix) if proxy.v2 else None
+            if route is None:
+                return None
         # The scope the ASGI path would build: the access line and, if the request
         # moves to the ASGI path later, ModelProxy read it.
         scope: dict[str, Any] = cast(Any, self.scope)
@@ -384,11 +386,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         http_version = self.parser.get_http_version()
         if http_version != "1.1":
             scope["http_version"] = http_version
+        stand_in = _DirectCycle(self, scope, http_version != "1.0" and
+                                self.parser.should_keep_alive())
+        if route[2] == V2_INFER:
+            v2 = V2Direct(proxy.v2).admit(scope, *route[:2])
+            if v2 is not None:
+                stand_in.exchange = V2Exchange(stand_in, proxy.v2, scope, *v2, self.loop)
+            return stand_in.exchange
         admitted = proxy.admit(scope, *route)
-        if admitted is None:
-            return None
-        keep_alive = http_version != "1.0" and self.parser.should_keep_alive()
-        stand_in = _DirectCycle(self, scope, keep_alive)
-        stand_in.exchange = DirectExchange(stand_in, proxy, scope, *admitted, self.loop)
+        if admitted is not None:
+            stand_in.exchange = DirectExchange(stand_in, proxy, scope, *admitted, self.loop)
         return stand_in.exchange
 

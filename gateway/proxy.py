@@ -16,6 +16,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import quote
 
 from starlette.responses import Response
@@ -69,6 +70,7 @@ class ModelProxy:
         self.batchers: dict[tuple[str, str], Batcher] = {}
         # Per routing endpoint, the requests each arm was sent (status: observed shares).
         self.split_counts: dict[Key, dict[Key, int]] = {}
+        self.v2: Any = None  # the V2 routes (v2.OpenInference), for V2 on the direct path
         self.shadows = ShadowTraffic(pool, metrics, self.shadow_outcome)
         self.logs = InferenceLogs(metrics.inference_log_lines)
 

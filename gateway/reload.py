@@ -32,13 +32,21 @@ class ConfigReloader:
         self.config_path = config_path
         self._apply_settings = apply
         self._lock = asyncio.Lock()
+        # What the file's config becomes once endpoints declared at run time are added
+        # (gateway/declared.py); the identity when there are none.
+        self.merge: Callable[[GatewayConfig], GatewayConfig] = lambda config: config
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file; raises ConfigError (nothing changed) when it is invalid."""
         if self.config_path is None:
             raise ConfigError("<config>", ["<file>: this gateway was not started from a file"])
         async with self._lock:
-            return await self._apply(load_config(self.config_path))
+            return await self._apply(self.merge(load_config(self.config_path)))
+
+    async def apply(self, new: GatewayConfig) -> dict[str, Any]:
+        """Apply ``new`` as a reload would (endpoints declared or removed at run time)."""
+        async with self._lock:
+            return await self._apply(new)
 
     async def _apply(self, new: GatewayConfig) -> dict[str, Any]:
         pool = self.pool

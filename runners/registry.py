@@ -60,6 +60,13 @@ class RegistryClient:
         return Resolved(version=answer.get("version"), uri=answer["uri"],
                         example=answer.get("example"))
 
+    async def metadata(self, uri: str) -> dict[str, Any]:
+        """A pinned version's MLmodel signature and input example (``runners.signature``)."""
+        answer = await self._call({"op": "metadata", "uri": uri})
+        if not answer.get("ok"):
+            raise ResolveError(answer.get("error") or "resolver failed")
+        return answer
+
     async def _call(self, request: dict[str, Any]) -> dict[str, Any]:
         proc = self._proc
         if proc is None or proc.returncode is not None or proc.stdin is None:

@@ -6,6 +6,9 @@ Protocol: one JSON object per line each way; requests carry an ``id`` echoed bac
 
     {"id": 1, "op": "resolve", "uri": "models:/iris@champion"}
     {"id": 1, "ok": true, "version": "2", "uri": "models:/iris/2", "example": "{...}"}
+    {"id": 2, "op": "metadata", "uri": "models:/iris/2"}
+    {"id": 2, "ok": true, "uri": "models:/iris/2", "signature": {"inputs": [...], …},
+     "example": "{...}", "flavors": ["python_function", "sklearn"]}
 """
 
 from __future__ import annotations
@@ -58,9 +61,28 @@ def resolve(uri: str, with_example: bool) -> dict[str, Any]:
             "example": _example(pinned) if with_example else None}
 
 
+def metadata(uri: str) -> dict[str, Any]:
+    """A pinned version's signature (its ``MLmodel``) and serving input example, read from
+    the artifact store without loading the model."""
+    import mlflow.artifacts
+    import yaml
+
+    path = mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/MLmodel")
+    with open(path, encoding="utf-8") as fh:
+        mlmodel = yaml.safe_load(fh) or {}
+    signature = mlmodel.get("signature") or {}
+    parsed = {key: json.loads(signature[key]) if isinstance(signature.get(key), str) else None
+              for key in ("inputs", "outputs", "params")}
+    return {"uri": uri, "signature": parsed, "example": _example(uri),
+            "flavors": sorted(mlmodel.get("flavors") or {})}
+
+
 def _answer(req: dict[str, Any]) -> None:
     try:
-        out = {"id": req["id"], "ok": True, **resolve(req["uri"], bool(req.get("example")))}
+        if req.get("op") == "metadata":
+            out = {"id": req["id"], "ok": True, **metadata(req["uri"])}
+        else:
+            out = {"id": req["id"], "ok": True, **resolve(req["uri"], bool(req.get("example")))}
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the gateway as text
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         out = {"id": req.get("id"), "ok": False, "error": f"{type(exc).__name__}: {message}"}
