@@ -19,7 +19,18 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import batching, coldstart, cutover, hostile, many_models, peers, proxy, soak, v2
+from bench import (
+    batching,
+    coldstart,
+    cutover,
+    hostile,
+    many_models,
+    peers,
+    proxy,
+    soak,
+    traffic,
+    v2,
+)
 from bench.harness import Options, add_options, exit_on_sigterm, options_from, save_result
 
 SECTIONS: dict[str, Callable[[Options], str]] = {
@@ -29,6 +40,7 @@ SECTIONS: dict[str, Callable[[Options], str]] = {
     "proxy_pinned": functools.partial(proxy.run, pinned=True),
     "coldstart": coldstart.run,
     "batching": batching.run,
+    "traffic": traffic.run,  # what shadow traffic and the inference log cost callers
     "v2": lambda options: v2.run(options, 2),  # V2 inference against /invocations
     "cutover": cutover.run,
     "many_models": many_models.run,
