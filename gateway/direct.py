@@ -55,7 +55,7 @@ class ServerConnection(Protocol):
 
 class DirectExchange:
     __slots__ = ("body", "chunks", "conn", "connection", "deadline", "disconnected", "ep",
-                 "loop", "proxy", "request", "runner", "scope", "started", "timer")
+                 "loop", "proxy", "request", "runner", "scope", "timer")
 
     def __init__(self, connection: ServerConnection, proxy: ModelProxy, scope: Scope,
                  ep: Endpoint, request: IncomingRequest,
@@ -67,7 +67,6 @@ class DirectExchange:
         self.ep = ep
         self.request = request
         self.disconnected = False  # set by the server when the caller goes away
-        self.started = time.perf_counter()
         self.chunks: list[bytes] = []
         self.body = b""
         self.deadline = 0.0
@@ -105,7 +104,7 @@ class DirectExchange:
                 status, [*headers, *self.proxy.identity(runner),
                          (b"x-request-id", request.request_id)], body,
                 head_only=False, has_length=False)
-        self.proxy.record(self.scope, self.ep, runner, status, self.started,
+        self.proxy.record(self.scope, self.ep, runner, status, request.started,
                           request.request_id)
         self.proxy.answered(self.ep, request, self.body, status, body, runner)
         self.connection.finish()
@@ -181,5 +180,5 @@ class DirectExchange:
     def _finish(self, status: int) -> None:
         assert self.runner is not None
         self.proxy.pool.release(self.ep, self.runner)
-        self.proxy.record(self.scope, self.ep, self.runner, status, self.started,
+        self.proxy.record(self.scope, self.ep, self.runner, status, self.request.started,
                           self.request.request_id)

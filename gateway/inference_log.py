@@ -22,7 +22,6 @@ import collections
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .splits import GOLDEN
+from .splits import Spread
 
 log = logging.getLogger("model_gateway.inference_log")
 
@@ -44,18 +43,6 @@ class LogSpec:
     max_body: int  # bytes of a body kept as JSON
     max_file_size: int
     keep: int
-
-
-class Sampler:
-    """Every ``fraction`` of calls, evenly spread (the golden-ratio sequence)."""
-
-    def __init__(self, fraction: float) -> None:
-        self.fraction = fraction
-        self.point = random.random()
-
-    def __call__(self) -> bool:
-        self.point = (self.point + GOLDEN) % 1.0
-        return self.point < self.fraction
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,14 +156,14 @@ class InferenceLogs:
     def __init__(self, count: Callable[[str, int], None]) -> None:
         self._count = count
         self._files: dict[str, LogFile] = {}
-        self._samplers: dict[tuple[str, str], tuple[LogSpec, Sampler]] = {}
+        self._samplers: dict[tuple[str, str], tuple[LogSpec, Spread]] = {}
 
     def sampled(self, key: tuple[str, str], spec: LogSpec) -> LogFile | None:
         """The file this request's line goes to, when the request is in the sample."""
         held = self._samplers.get(key)
         if held is None or held[0] != spec:
-            held = self._samplers[key] = (spec, Sampler(spec.fraction))
-        if not held[1]():
+            held = self._samplers[key] = (spec, Spread())
+        if not held[1].sampled(spec.fraction):
             return None
         file = self._files.get(spec.path)
         # Endpoints may share a file (config checks they agree on its size and keep).

@@ -221,7 +221,7 @@ class ModelProxy:
                              "no endpoint is declared with that name and alias")
             return
         request = IncomingRequest(scope, action)
-        started = time.perf_counter()
+        started = request.started
         request_id = (b"x-request-id", request.request_id)
         refusal = self._refusal(request, key, action, settings)
         if refusal is not None:

@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 from runners import Endpoint, RunnerPool
 
 from .metrics import GatewayMetrics
-from .splits import GOLDEN, Key
+from .splits import Key, Spread
 
 log = logging.getLogger("model_gateway.shadow")
 
@@ -59,15 +58,14 @@ class _Lane:
     def __init__(self, ep: Endpoint, spec: ShadowSpec) -> None:
         self.ep = ep
         self.spec = spec
-        self.point = random.random()
+        self.spread = Spread()
         self.queue: asyncio.Queue[_Copy] = asyncio.Queue(QUEUE)
         self.tasks: list[asyncio.Task[None]] = []
         self.counts = {"match": 0, "mismatch": 0, "error": 0, "dropped": 0}
         ep.shadow_stats = self.stats()
 
     def sampled(self) -> bool:
-        self.point = (self.point + GOLDEN) % 1.0
-        return self.point < self.spec.fraction
+        return self.spread.sampled(self.spec.fraction)
 
     def stats(self) -> dict[str, Any]:
         compared = self.counts["match"] + self.counts["mismatch"]

@@ -30,6 +30,24 @@ Key = tuple[str, str]
 GOLDEN = (5**0.5 - 1) / 2  # 0.618…: each step lands in the largest gap left so far
 
 
+class Spread:
+    """Points in [0, 1) along the golden-ratio sequence from a random start: as evenly
+    spread as points can be, so a share of them (``sampled``) or a weighted pick is
+    within a fraction of a point of its target after a few hundred draws."""
+
+    __slots__ = ("point",)
+
+    def __init__(self) -> None:
+        self.point = random.random()  # replicas do not step in lockstep
+
+    def next(self) -> float:
+        self.point = (self.point + GOLDEN) % 1.0
+        return self.point
+
+    def sampled(self, fraction: float) -> bool:
+        return self.next() < fraction
+
+
 def arm_key(name: str, arm: str) -> Key:
     """``alias`` (of the routing endpoint's name) or ``name/alias`` → an endpoint key."""
     if "/" in arm:
@@ -67,8 +85,7 @@ class Split:
     arms: tuple[tuple[Key, float], ...]
     sticky: bytes | None = None  # a lower-case header name
     _bounds: tuple[float, ...] = field(default=(), repr=False)
-    _point: list[float] = field(default_factory=lambda: [random.random()], repr=False,
-                                compare=False)
+    _spread: Spread = field(default_factory=Spread, repr=False, compare=False)
 
     @classmethod
     def build(cls, key: Key, weights: Mapping[str, float], sticky: str | None) -> Split:
@@ -92,7 +109,7 @@ class Split:
                     point = int.from_bytes(digest, "big") / 2**64
                     break
         if point is None:  # not sticky, or the caller did not send the header
-            point = self._point[0] = (self._point[0] + GOLDEN) % 1.0
+            point = self._spread.next()
         return self.arms[min(bisect.bisect_right(self._bounds, point), len(self.arms) - 1)][0]
 
     def weights(self) -> dict[str, float]:

@@ -33,15 +33,7 @@ from .errors import map_error
 from .proxy import ModelProxy
 from .request import SAFE_REQUEST_ID
 from .types import ASGIApp, Receive, Scope, Send
-from .v2_codec import (
-    TRITON_PARAMETERS,
-    V2Error,
-    from_mlflow,
-    mlflow_message,
-    model_metadata,
-    select_outputs,
-    to_mlflow,
-)
+from .v2_codec import V2Error, mlflow_body, mlflow_message, model_metadata, v2_answer
 
 log = logging.getLogger("model_gateway")
 
@@ -148,14 +140,7 @@ class OpenInference:
                               "(tritonclient: binary_data=False)")
             request = _decode(await _read_body(receive, self._proxy().settings.max_body_size))
             meta = await self._metadata(ep)
-            payload = to_mlflow(request, meta)
-            params = payload.get("params")
-            if params is not None:
-                params = {k: v for k, v in params.items() if k not in TRITON_PARAMETERS}
-                payload["params"] = params
-                if not params:
-                    del payload["params"]
-            body = json.dumps(payload, separators=(",", ":")).encode()
+            body = mlflow_body(request, meta)
             try:
                 runner = await self.pool.acquire(ep)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a V2 error
@@ -176,11 +161,8 @@ class OpenInference:
             if status != 200:
                 await _send(send, status, {"error": mlflow_message(answer, status)}, identity)
                 return
-            outputs = select_outputs(from_mlflow(json.loads(answer), meta), request)
-            result = {"model_name": ep.spec.name, "model_version": runner.version or "",
-                      **({"id": request["id"]} if isinstance(request.get("id"), str) else {}),
-                      "outputs": outputs}
-            await _send(send, 200, result, identity)
+            await _send(send, 200, v2_answer(ep.spec.name, runner.version, request,
+                                             json.loads(answer), meta), identity)
         except V2Error as exc:
             status = exc.status
             extra = [(b"www-authenticate", b'Bearer realm="model-gateway"')] \

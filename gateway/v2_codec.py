@@ -361,3 +361,25 @@ def mlflow_message(answer: bytes, status: int) -> str:
         if isinstance(message, str):
             return message.strip().splitlines()[0][:2000] if message.strip() else str(status)
     return f"the model answered {status}"
+
+
+def mlflow_body(request: dict[str, Any], meta: ModelMetadata) -> bytes:
+    """The runner's request body for a V2 inference request: MLflow's payload, without
+    Triton's own request parameters."""
+    payload = to_mlflow(request, meta)
+    params = payload.get("params")
+    if params is not None:
+        params = {k: v for k, v in params.items() if k not in TRITON_PARAMETERS}
+        if params:
+            payload["params"] = params
+        else:
+            del payload["params"]
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def v2_answer(name: str, version: str | None, request: dict[str, Any], answer: Any,
+              meta: ModelMetadata) -> dict[str, Any]:
+    """The V2 inference answer for MLflow's parsed ``answer`` to ``request``."""
+    return {"model_name": name, "model_version": version or "",
+            **({"id": request["id"]} if isinstance(request.get("id"), str) else {}),
+            "outputs": select_outputs(from_mlflow(answer, meta), request)}

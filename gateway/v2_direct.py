@@ -30,14 +30,7 @@ from .direct import DirectExchange
 from .errors import map_error
 from .request import IncomingRequest
 from .types import ASGIApp, Receive, Scope, Send
-from .v2_codec import (
-    TRITON_PARAMETERS,
-    V2Error,
-    from_mlflow,
-    mlflow_message,
-    select_outputs,
-    to_mlflow,
-)
+from .v2_codec import V2Error, mlflow_body, mlflow_message, v2_answer
 
 
 class OpenInference(Protocol):
@@ -120,15 +113,7 @@ class V2Exchange(DirectExchange):
             self.v2_request = decoded = json.loads(self.original)
             if not isinstance(decoded, dict):
                 raise ValueError("not an object")
-            payload = to_mlflow(decoded, self.meta)
-            params = payload.get("params")
-            if params is not None:
-                params = {k: v for k, v in params.items() if k not in TRITON_PARAMETERS}
-                if params:
-                    payload["params"] = params
-                else:
-                    del payload["params"]
-            self.body = json.dumps(payload, separators=(",", ":")).encode()
+            self.body = mlflow_body(decoded, self.meta)
         except (ValueError, RecursionError, V2Error):  # the ASGI path words the refusal
             self.connection.fall_back(*self.unsent())
             return
@@ -165,15 +150,10 @@ class V2Exchange(DirectExchange):
             body: dict[str, Any] = {"error": mlflow_message(answer, status)}
         else:
             try:
-                outputs = select_outputs(from_mlflow(json.loads(answer), self.meta),
-                                         self.v2_request)
+                body = v2_answer(self.ep.spec.name, runner.version, self.v2_request,
+                                 json.loads(answer), self.meta)
             except (ValueError, RecursionError, V2Error):
                 status, body = 502, {"error": "the runner's answer is not JSON"}
-            else:
-                request_id = self.v2_request.get("id")
-                body = {"model_name": self.ep.spec.name, "model_version": runner.version or "",
-                        **({"id": request_id} if isinstance(request_id, str) else {}),
-                        "outputs": outputs}
         return status, json.dumps(body, separators=(",", ":")).encode()
 
     async def _rest(self, scope: Scope, receive: Receive, send: Send) -> None:
