@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .splits import Spread
+from runners.spread import Spread
 
 log = logging.getLogger("model_gateway.inference_log")
 

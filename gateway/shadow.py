@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from runners import Endpoint, RunnerPool
+from runners.spread import Spread
 
 from .metrics import GatewayMetrics
-from .splits import Key, Spread
+from .splits import Key
 
 log = logging.getLogger("model_gateway.shadow")
 

@@ -20,32 +20,13 @@ immutable; new weights (a config reload, ``PUT …/traffic``) replace it whole.
 from __future__ import annotations
 
 import bisect
-import hashlib
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from runners.spread import Spread, sticky_point
+
 Key = tuple[str, str]
-GOLDEN = (5**0.5 - 1) / 2  # 0.618…: each step lands in the largest gap left so far
-
-
-class Spread:
-    """Points in [0, 1) along the golden-ratio sequence from a random start: as evenly
-    spread as points can be, so a share of them (``sampled``) or a weighted pick is
-    within a fraction of a point of its target after a few hundred draws."""
-
-    __slots__ = ("point",)
-
-    def __init__(self) -> None:
-        self.point = random.random()  # replicas do not step in lockstep
-
-    def next(self) -> float:
-        self.point = (self.point + GOLDEN) % 1.0
-        return self.point
-
-    def sampled(self, fraction: float) -> bool:
-        return self.next() < fraction
 
 
 def arm_key(name: str, arm: str) -> Key:
@@ -105,8 +86,7 @@ class Split:
         if self.sticky is not None:
             for name, value in headers:
                 if name == self.sticky:
-                    digest = hashlib.blake2b(value, digest_size=8).digest()
-                    point = int.from_bytes(digest, "big") / 2**64
+                    point = sticky_point(value)
                     break
         if point is None:  # not sticky, or the caller did not send the header
             point = self._spread.next()
