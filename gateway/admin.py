@@ -5,6 +5,7 @@ Every route needs an admin token; with none configured the whole API answers 403
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runners import Endpoint, RunnerError, RunnerPool, VersionWatcher
+from runners import Cutover, Endpoint, RunnerError, RunnerPool, VersionWatcher
 
 from .auth import TokenSet, bearer
 from .config import ConfigError
@@ -92,6 +93,28 @@ class AdminAPI:
         await self.pool.stop_endpoint(ep)
         return JSONResponse(ep.status())
 
+    async def rollout(self, request: Request, ep: Endpoint) -> Response:
+        """``promote`` (to 100 % now), ``abort`` (roll back now), or ``retry`` a version
+        that was rolled back; 409 when there is nothing to do."""
+        action = request.path_params["action"]
+        if action not in ("promote", "abort", "retry"):
+            return json_error(404, "not_found", "rollout actions are promote, abort and retry")
+        cutover = ep.cutover
+        rollout = cutover.rollout if cutover is not None else None
+        if action == "retry":
+            if not self.watcher.retry(ep):
+                return json_error(409, "nothing_to_retry",
+                                  f"{ep.label}: no version was rolled back")
+            return JSONResponse(ep.status(), status_code=202)
+        if rollout is None or rollout.verdict is not None:
+            return json_error(409, "no_rollout", f"{ep.label}: no rollout is in progress")
+        if action == "promote":
+            rollout.promote("promoted by an operator")
+        else:
+            rollout.roll_back("aborted by an operator")
+        await _settled(ep, cutover)
+        return JSONResponse(ep.status())
+
     async def logs(self, request: Request, ep: Endpoint) -> Response:
         try:
             lines = max(1, min(int(request.query_params.get("lines", MAX_LOG_LINES)),
@@ -121,10 +144,19 @@ class AdminAPI:
             Route(f"{base}/start", g(self.start_endpoint), methods=["POST"]),
             Route(f"{base}/stop", g(self.stop_endpoint), methods=["POST"]),
             Route(f"{base}/logs", g(self.logs), methods=["GET"]),
+            Route(base + "/rollout/{action:str}", g(self.rollout), methods=["POST"]),
             Route("/admin/config/reload", g(self.reload_config), methods=["POST"]),
             # The route the follow-the-registry issue started with; same as admin reload.
             Route("/models/{name}/{alias}/reload", g(self.reload_endpoint), methods=["POST"]),
         ]
+
+
+async def _settled(ep: Endpoint, cutover: Cutover | None, timeout: float = 5.0) -> None:
+    """Wait (briefly) until the watcher has acted on a rollout's verdict."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while ep.cutover is cutover and loop.time() < deadline:
+        await asyncio.sleep(0.02)
 
 
 def _yes(request: Request, name: str) -> bool:

@@ -21,6 +21,7 @@ from .config_source import expand, key_path_errors
 from .config_traffic import (
     BatchingConfig,
     InferenceLogConfig,
+    RolloutConfig,
     ShadowConfig,
     off_when_false,
     routing_errors,
@@ -129,6 +130,8 @@ class EndpointDefaults(Strict):
     batching: Annotated[BatchingConfig | None, BeforeValidator(off_when_false)] = None
     inference_log: Annotated[InferenceLogConfig | None,
                              BeforeValidator(off_when_false)] = None
+    # absent: a new version takes all traffic once warm (blue-green)
+    rollout: Annotated[RolloutConfig | None, BeforeValidator(off_when_false)] = None
 
 
 class EndpointConfig(Strict):
@@ -146,6 +149,7 @@ class EndpointConfig(Strict):
     batching: Annotated[BatchingConfig | None, BeforeValidator(off_when_false)] = None
     inference_log: Annotated[InferenceLogConfig | None,
                              BeforeValidator(off_when_false)] = None
+    rollout: Annotated[RolloutConfig | None, BeforeValidator(off_when_false)] = None
     preload: bool = False
     pinned: bool = False
     public: bool = False  # no api key needed even when auth.api_keys is set
@@ -192,6 +196,8 @@ class GatewayConfig(Strict):
             batching = self.defaults.batching if ep.batching is None else ep.batching
             values["batching"] = BatchingSpec(batching.max_batch_size, batching.max_wait) \
                 if batching and batching.enabled else None
+            rollout = self.defaults.rollout if ep.rollout is None else ep.rollout
+            values["rollout"] = rollout.spec() if rollout else None
             specs.append(EndpointSpec(**values))
         return specs
 
@@ -211,7 +217,7 @@ class GatewayConfig(Strict):
                         min_residency=self.pool.min_residency,
                         runner_tcp=self.pool.runner_tcp,
                         env_cache_dir=self.env_cache_dir, tracking_uri=self.tracking_uri,
-                        registry_uri=self.registry_uri)
+                        registry_uri=self.registry_uri, state_dir=self.state_dir)
 
 
 # Endpoint keys the gateway uses, not the runner pool.

@@ -1,12 +1,15 @@
 """The config keys that shape an endpoint's traffic rather than its runner: batching,
-shadow, the inference log, and the checks that routing endpoints (``traffic``) and
-shadows name declared endpoints that serve a model."""
+shadow, the inference log, rollouts, and the checks that routing endpoints (``traffic``)
+and shadows name declared endpoints that serve a model."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from runners import RolloutSpec
 
 from .config_types import Duration, Size, Strict
 from .splits import arm_key, check_weights
@@ -38,6 +41,38 @@ class ShadowConfig(Strict):
     to: str = Field(min_length=1)  # an alias of this name, or name/alias
     percent: Annotated[float, BeforeValidator(_percent)] = Field(100.0, ge=0, le=100)
     tolerance: float = Field(1e-6, ge=0)  # numbers agree within it, relative or absolute
+
+
+Percent = Annotated[float, BeforeValidator(_percent)]
+
+
+class RolloutConfig(Strict):
+    """A new version takes traffic step by step and is rolled back when it does worse
+    than the old one (``runners.rollout``)."""
+
+    enabled: bool = True  # `rollout: false` on an endpoint: immediate cutovers
+    steps: list[Percent] = Field(default_factory=lambda: [10.0, 50.0, 100.0], min_length=1)
+    step_time: Duration = Field(120.0, gt=0)  # at each step, at least
+    max_error_rate: Percent = Field(1.0, ge=0, le=100)  # percent of its requests: 5xx,
+    #                                                   unreachable or timed out
+    max_latency_ratio: float = Field(2.0, ge=1.0)  # its p95 over the old version's
+    min_requests: int = Field(50, ge=1)  # per step, before it is judged or passed
+    sticky: str | None = Field(None, pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")  # a header
+
+    @field_validator("steps")
+    @classmethod
+    def _ascending(cls, steps: list[float]) -> list[float]:
+        if any(not 0 < step <= 100 for step in steps):
+            raise ValueError("each step is a percent of traffic: more than 0, at most 100")
+        if any(a >= b for a, b in itertools.pairwise(steps)):
+            raise ValueError("steps must go up, such as [10, 50, 100]")
+        return steps
+
+    def spec(self) -> RolloutSpec | None:
+        if not self.enabled:
+            return None
+        return RolloutSpec(tuple(self.steps), self.step_time, self.max_error_rate / 100,
+                           self.max_latency_ratio, self.min_requests, self.sticky)
 
 
 class InferenceLogConfig(Strict):

@@ -112,7 +112,7 @@ class DirectExchange:
     def go(self) -> None:
         """Write the request to an idle connection, or hand it to the ordinary path."""
         ep = self.ep
-        runner = self.proxy.pool.acquire_now(ep)
+        runner = self.proxy.pool.acquire_now(ep, self.scope["headers"])
         if runner is None:
             self.connection.fall_back(*self.unsent())
             return

@@ -98,6 +98,11 @@ class History(PoolEvents):
             self._event(ep, "rollback",
                         f"cutover to version {ep.failed_version} failed: stays on {ep.version}")
 
+    def rolled_back(self, ep: Endpoint) -> None:
+        version, reason = ep.rolled_back or (None, "")
+        self._event(ep, "rollback", f"version {version} rolled back: {reason}; "
+                                    f"stays on {ep.version}")
+
     def eviction(self, ep: Endpoint, reason: str) -> None:
         self._counts["evictions"] += 1
         self._event(ep, "eviction", f"evicted ({reason})")

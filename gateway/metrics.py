@@ -49,8 +49,14 @@ class _PoolCollector(Collector):
         memory = GaugeMetricFamily("model_gateway_runner_memory_bytes",
                                    "Memory (PSS) of the endpoint's serving runner",
                                    labels=["name", "alias", "version"])
+        share = GaugeMetricFamily("model_gateway_rollout_share",
+                                  "Percent of the endpoint's traffic on the version rolling out",
+                                  labels=["name", "alias", "version"])
         for ep in self.pool.endpoints.values():
             name, alias = ep.spec.name, ep.spec.alias
+            rollout = ep.cutover.rollout if ep.cutover else None
+            if rollout is not None:
+                share.add_metric([name, alias, rollout.version or "-"], rollout.share)
             for s in State:
                 state.add_metric([name, alias, s.value], 1.0 if ep.state is s else 0.0)
             green = ep.cutover.runner if ep.cutover else None
@@ -64,6 +70,7 @@ class _PoolCollector(Collector):
         yield in_flight
         yield waiting
         yield memory
+        yield share
         live = GaugeMetricFamily("model_gateway_live_runners", "Runner processes alive")
         live.add_metric([], float(len(self.pool.runners)))
         yield live
@@ -172,6 +179,9 @@ class GatewayMetrics(PoolEvents):
 
     def cutover(self, ep: Endpoint, ok: bool) -> None:
         self.cutovers.labels(ep.spec.name, ep.spec.alias, "succeeded" if ok else "failed").inc()
+
+    def rolled_back(self, ep: Endpoint) -> None:
+        self.cutovers.labels(ep.spec.name, ep.spec.alias, "rolled_back").inc()
 
     def eviction(self, ep: Endpoint, reason: str) -> None:
         self.evictions.labels(ep.spec.name, ep.spec.alias, reason).inc()

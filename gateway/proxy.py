@@ -38,7 +38,16 @@ from .errors import Refusal, json_error, map_error, send_error
 from .history import History
 from .inference_log import Body, InferenceLogs
 from .metrics import GatewayMetrics
-from .request import PROXIED, ROUTE, IncomingRequest, parse_route
+from .request import (
+    PROXIED,
+    ROUTE,
+    SMALL_BODY,
+    BodyTooLarge,
+    ClientDisconnected,
+    IncomingRequest,
+    parse_route,
+    read_body,
+)
 from .settings import ProxySettings
 from .shadow import ShadowTraffic
 from .splits import Key
@@ -47,7 +56,6 @@ from .types import ASGIApp, Receive, Scope, Send
 access_logger = logging.getLogger("model_gateway.access")
 ARM = "model_gateway.arm"  # scope key: the arm a routing endpoint's request goes to
 
-SMALL_BODY = 256 * 1024  # request bodies up to this size are read whole, larger ones stream
 UNAUTHORIZED = [(b"www-authenticate", b'Bearer realm="model-gateway"')]
 
 
@@ -233,7 +241,7 @@ class ModelProxy:
         try:
             # A body that fits in memory is read before a runner is bound: a caller that
             # stalls mid-body holds no runner (and the edge's body_timeout ends it).
-            body = await _request_body(request, receive, settings.max_body_size)
+            body = await read_body(request, receive, settings.max_body_size)
             batcher = self.batcher(ep, request, scope)
             if batcher is not None and isinstance(body, bytes):
                 member = _Queued()
@@ -246,7 +254,7 @@ class ModelProxy:
                         self.answered(ep, request, body, status, merged[2], served)
                         return
             try:
-                runner = await self.pool.acquire(ep)
+                runner = await self.pool.acquire(ep, scope["headers"])
             except Exception as exc:  # noqa: BLE001 - every failure becomes a JSON answer
                 status, code, message, extra = map_error(exc, ep.label)
                 await send_error(send, status, code, message, [*extra, request_id])
@@ -301,6 +309,8 @@ class ModelProxy:
         if batcher is not None:
             batcher.done()
         seconds = time.perf_counter() - started
+        if runner is not None:  # a rollout judges its versions by what callers got
+            ep.observe(runner, status, seconds)
         self.metrics.observe_request(ep.spec.name, ep.spec.alias, status, seconds)
         self.history.observe_request(ep.spec.name, ep.spec.alias, status, seconds)
         if self.access_log.enabled():
@@ -340,60 +350,3 @@ async def _send_answer(send: Send, status: int, headers: list[tuple[bytes, bytes
     await send({"type": "http.response.start", "status": status,
                 "headers": [*headers, (b"content-length", b"%d" % len(body)), *extra]})
     await send({"type": "http.response.body", "body": body})
-
-
-async def _request_body(request: IncomingRequest, receive: Receive, limit: int
-                        ) -> bytes | AsyncIterator[bytes]:
-    """The request's body: whole when it is at most SMALL_BODY (with or without a
-    Content-Length), else an iterator that streams it (the part read so far first)."""
-    length = request.content_length
-    if length is None and request.method not in ("POST", "PUT"):
-        return b""
-    if length is not None and length > SMALL_BODY:
-        return _stream_body(receive, limit, [])
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
-        chunk: bytes = message.get("body", b"")
-        chunks.append(chunk)
-        size += len(chunk)
-        if not message.get("more_body"):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if size > SMALL_BODY:  # chunked and large: stream it from here
-            if size > limit:
-                raise BodyTooLarge()
-            return _stream_body(receive, limit, chunks)
-
-
-async def _stream_body(receive: Receive, limit: int, first: list[bytes]
-                       ) -> AsyncIterator[bytes]:
-    """The request body as it arrives, after ``first``; past ``limit`` bytes in all,
-    BodyTooLarge (no buffering)."""
-    total = 0
-    for chunk in first:
-        total += len(chunk)
-        if chunk:
-            yield chunk
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected()
-        chunk = message.get("body", b"")
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLarge()
-        if chunk:
-            yield chunk
-        if not message.get("more_body"):
-            return
-
-
-class ClientDisconnected(Exception):
-    """The caller went away before its request body arrived."""
-
-
-class BodyTooLarge(Exception):
-    """A request body without Content-Length grew past max_body_size."""

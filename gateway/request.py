@@ -1,9 +1,9 @@
-"""A proxied request: its route, and the head the runner is sent.
+"""A proxied request: its route, the head the runner is sent, and its body.
 
 ``/models/<name>/<alias>/<action>`` routes are parsed once; :class:`IncomingRequest`
 reads the caller's headers once, keeping what the proxy checks (authorization, length,
 header bytes) and building the head for the runner (``runners.client`` adds Host and the
-framing headers).
+framing headers). :func:`read_body` reads a small body whole and streams a large one.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
-from .types import Scope
+from .types import Receive, Scope
+
+SMALL_BODY = 256 * 1024  # request bodies up to this size are read whole, larger ones stream
 
 ROUTE = "model_gateway.route"  # scope key: the routing endpoint a request came through
 
@@ -99,3 +102,60 @@ class IncomingRequest:
             else None
         self.header_bytes = size
         self.content_type: bytes | None = content_type
+
+
+async def read_body(request: IncomingRequest, receive: Receive, limit: int
+                        ) -> bytes | AsyncIterator[bytes]:
+    """The request's body: whole when it is at most SMALL_BODY (with or without a
+    Content-Length), else an iterator that streams it (the part read so far first)."""
+    length = request.content_length
+    if length is None and request.method not in ("POST", "PUT"):
+        return b""
+    if length is not None and length > SMALL_BODY:
+        return _stream_body(receive, limit, [])
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk: bytes = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if not message.get("more_body"):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if size > SMALL_BODY:  # chunked and large: stream it from here
+            if size > limit:
+                raise BodyTooLarge()
+            return _stream_body(receive, limit, chunks)
+
+
+async def _stream_body(receive: Receive, limit: int, first: list[bytes]
+                       ) -> AsyncIterator[bytes]:
+    """The request body as it arrives, after ``first``; past ``limit`` bytes in all,
+    BodyTooLarge (no buffering)."""
+    total = 0
+    for chunk in first:
+        total += len(chunk)
+        if chunk:
+            yield chunk
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge()
+        if chunk:
+            yield chunk
+        if not message.get("more_body"):
+            return
+
+
+class ClientDisconnected(Exception):
+    """The caller went away before its request body arrived."""
+
+
+class BodyTooLarge(Exception):
+    """A request body without Content-Length grew past max_body_size."""

@@ -23,8 +23,9 @@ from .events import EventFanout, PoolEvents
 from .launch import Fork, LaunchSpec
 from .pool import RunnerPool
 from .registry import Resolved
+from .rollout import Rollout
 from .runner import Runner
-from .spec import BatchingSpec, EndpointSpec, PoolSpec
+from .spec import BatchingSpec, EndpointSpec, PoolSpec, RolloutSpec
 from .watcher import VersionWatcher
 
 __all__ = [
@@ -48,6 +49,8 @@ __all__ = [
     "ResolveError",
     "Resolved",
     "Response",
+    "Rollout",
+    "RolloutSpec",
     "Runner",
     "RunnerClient",
     "RunnerConnection",

@@ -14,8 +14,9 @@ endpoint, the state and the event. Nothing else assigns ``state``, ``runner`` or
       └──────── abandoned (pool busy, cancelled) ─┘      └─switch→ READY, ─reset→ COLD
 
 A cutover is its own object (:class:`Cutover`) beside a READY endpoint: blue keeps
-serving while green goes STARTING (⇄ BUILDING_ENV) → WARMING; then green switches in,
-or the cutover fails (blue keeps serving) or is cancelled.
+serving while green goes STARTING (⇄ BUILDING_ENV) → WARMING (→ ROLLING, when the
+endpoint has a rollout: green takes a growing share, see ``rollout``); then green
+switches in, or the cutover fails or is rolled back (blue keeps serving) or is cancelled.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 from .backoff import backoff
 from .errors import summary
 from .registry import Resolved
+from .rollout import Rollout
 from .runner import Runner
 from .spec import EndpointSpec
 from .target import ModelTarget
@@ -67,6 +69,7 @@ class Phase(enum.Enum):
     STARTING = "starting"
     BUILDING_ENV = "building_env"
     WARMING = "warming"  # answering the warm-up prediction
+    ROLLING = "rolling"  # serving a share of the traffic, step by step
 
 
 S, E, P = State, Event, Phase
@@ -84,7 +87,8 @@ PHASES: dict[Phase | None, frozenset[Phase]] = {
     None: frozenset({P.STARTING}),
     P.STARTING: frozenset({P.BUILDING_ENV, P.WARMING}),
     P.BUILDING_ENV: frozenset({P.STARTING}),
-    P.WARMING: frozenset(),
+    P.WARMING: frozenset({P.ROLLING}),
+    P.ROLLING: frozenset(),
 }
 
 
@@ -109,6 +113,7 @@ class Cutover:
     phase: Phase | None = None
     runner: Runner | None = None
     began: float = 0.0
+    rollout: Rollout | None = None  # while ROLLING
 
     def __post_init__(self) -> None:
         self.began = time.monotonic()
@@ -145,6 +150,9 @@ class Endpoint:
         self.version: str | None = None
         self.cutover: Cutover | None = None
         self.last_good: Resolved | None = None  # the last version that served
+        # The version a rollout rolled back, and why: not tried again until the target
+        # names another version, or an operator retries it.
+        self.rolled_back: tuple[str | None, str] | None = None
         # The version that failed to start, and when it may be tried again.
         self.failed_version: str | None = None
         self.failures = 0
@@ -265,6 +273,27 @@ class Endpoint:
         self.runner, self.version = runner, resolved.version
         self.last_good = Resolved(version=resolved.version, uri=resolved.uri)
 
+    # -- which runner serves a request -----------------------------------------------------
+    def pick(self, headers: list[tuple[bytes, bytes]] | None = None) -> Runner | None:
+        """The runner for a new request: blue, or a rolling-out green for its share."""
+        cutover = self.cutover
+        if cutover is not None and cutover.rollout is not None:
+            green = cutover.runner
+            if green is not None and green.serving and cutover.rollout.verdict is None \
+                    and (self.runner is None or cutover.rollout.routes_new(headers)):
+                return green
+        return self.runner
+
+    def observe(self, runner: Runner, status: int | None, seconds: float) -> None:
+        """A caller's answer from ``runner``: counted when a rollout is judging it."""
+        cutover = self.cutover
+        rollout = cutover.rollout if cutover is not None else None
+        if rollout is not None and status != 499:  # 499: the caller left, no verdict
+            if runner is cutover.runner:  # type: ignore[union-attr]
+                rollout.observe(True, status, seconds)
+            elif runner is self.runner:
+                rollout.observe(False, status, seconds)
+
     # -- a cutover ------------------------------------------------------------------------
     def begin_cutover(self, target: Resolved) -> Cutover:
         if self.state is not State.READY or self.cutover is not None:
@@ -277,7 +306,7 @@ class Endpoint:
     def switch(self, cutover: Cutover, green: Runner) -> Runner | None:
         """Green serves from now on; blue (returned, if any) is to be drained. Requests
         already bound to blue finish there."""
-        if cutover.phase is not Phase.WARMING:
+        if cutover.phase not in (Phase.WARMING, Phase.ROLLING):
             raise IllegalTransition(f"{self.label}: cutover switched before warming up")
         self._move(Event.SWITCH)
         self._end(cutover)
@@ -285,6 +314,20 @@ class Endpoint:
         self._serve(green, cutover.target)
         self.last_error, self.failed_version, self.failures = None, None, 0
         return blue
+
+    def begin_rollout(self, cutover: Cutover, rollout: Rollout) -> None:
+        """Warm green serves a growing share beside blue; a new rollout's version is no
+        longer the one rolled back."""
+        cutover.move(Phase.ROLLING)
+        cutover.rollout = rollout
+        self.rolled_back = None
+
+    def roll_back(self, cutover: Cutover, reason: str) -> Runner | None:
+        """All traffic back on blue; green (returned, if any) is to be stopped."""
+        self._end(cutover)
+        green, cutover.runner = cutover.runner, None
+        self.rolled_back = (cutover.version, reason)
+        return green
 
     def cutover_failed(self, cutover: Cutover, error: str) -> float:
         """Green did not become ready; blue keeps serving. Seconds until a retry."""
@@ -327,6 +370,9 @@ class Endpoint:
                 "max_wait_ms": round(self.spec.batching.max_wait * 1000, 3),
                 "mean_batch_size": self.mean_batch_size},
             "shadow": self.shadow_stats,
+            "rollout": cutover.rollout.describe() if cutover and cutover.rollout else None,
+            "rolled_back": None if self.rolled_back is None else {
+                "version": self.rolled_back[0], "reason": self.rolled_back[1]},
         }
         if details:
             out["runner"] = runner.describe() if runner else None

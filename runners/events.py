@@ -16,6 +16,10 @@ class PoolEvents:
     def cutover(self, ep: Endpoint, ok: bool) -> None:
         """A blue-green cutover switched traffic (``ok``) or gave up on the new version."""
 
+    def rolled_back(self, ep: Endpoint) -> None:
+        """A rollout's new version did worse than the old one (``ep.rolled_back``) and
+        was taken out of service."""
+
     def eviction(self, ep: Endpoint, reason: str) -> None:
         """A runner was stopped to save resources: ``idle``, ``capacity`` or ``memory``."""
 
@@ -39,6 +43,10 @@ class EventFanout(PoolEvents):
     def cutover(self, ep: Endpoint, ok: bool) -> None:
         for o in self.observers:
             o.cutover(ep, ok)
+
+    def rolled_back(self, ep: Endpoint) -> None:
+        for o in self.observers:
+            o.rolled_back(ep)
 
     def eviction(self, ep: Endpoint, reason: str) -> None:
         for o in self.observers:

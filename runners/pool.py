@@ -35,6 +35,7 @@ from .launch import Fork, LaunchSpec, RunnerProcess, effective_launcher, runner_
 from .ports import PortAllocator
 from .process import find_leftovers, kill_group, runtime_dir
 from .registry import RegistryClient, Resolved, needs_registry
+from .rollout_journal import RolloutJournal
 from .runner import Runner
 from .spec import EndpointSpec, PoolSpec
 from .starter import RunnerStarter
@@ -55,6 +56,9 @@ class RunnerPool:
         self.owner = owner
         self.events = events or PoolEvents()
         self.endpoints: dict[tuple[str, str], Endpoint] = {e.key: Endpoint(e) for e in endpoints}
+        self.journal = RolloutJournal(spec.state_dir)
+        for ep in self.endpoints.values():
+            self.journal.restore(ep)
         self.env = runner_env(spec, owner)
         self.supervisor = Supervisor()
         self.registry = RegistryClient(self.env)
@@ -102,9 +106,10 @@ class RunnerPool:
     async def close(self) -> None:
         """Stop every runner (SIGTERM, then SIGKILL of its group), then the helpers."""
         runners = list(self.runners)
-        for task in list(self._tasks):
+        refreshes = [ep.refresh_task for ep in self.endpoints.values() if ep.refresh_task]
+        for task in [*self._tasks, *refreshes]:  # a refresh may be a rollout's loop
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *refreshes, return_exceptions=True)
         for ep in self.endpoints.values():
             if ep.start_task is not None:
                 ep.start_task.cancel()
@@ -182,8 +187,14 @@ class RunnerPool:
 
     def notice_exit(self, ep: Endpoint, runner: Runner) -> None:
         """``runner`` exited: if it was serving ``ep`` (not being stopped), ``ep`` lost it
-        and the next request starts another. Also called by a request that finds the exit
-        before the reaper does."""
+        and the next request starts another; if it was a rollout's new version, the
+        rollout is rolled back. Also called by a request that finds the exit before the
+        reaper does."""
+        cutover = ep.cutover
+        if cutover is not None and cutover.rollout is not None and runner is cutover.runner \
+                and runner.exited.is_set() and not runner.stopping:
+            reason = runner.kill_reason or f"runner exited with code {runner.returncode}"
+            cutover.rollout.roll_back(f"the new version's runner failed: {reason}")
         if ep.runner is runner and runner.exited.is_set() and not runner.stopping:
             reason = runner.kill_reason or f"runner exited with code {runner.returncode}"
             ep.runner_lost(runner, runner.failure(reason))
@@ -191,9 +202,10 @@ class RunnerPool:
             log.error("endpoint %s: runner pid %s: %s", ep.label, runner.pid, reason)
 
     # -- requests -------------------------------------------------------------------------
-    async def acquire(self, ep: Endpoint) -> Runner:
+    async def acquire(self, ep: Endpoint,
+                      headers: list[tuple[bytes, bytes]] | None = None) -> Runner:
         """A serving runner for one request, bound to it (started if needed); release() it
-        afterwards."""
+        afterwards. ``headers``: the request's, for a rollout's sticky header."""
         if ep.slots is not None:
             try:
                 await asyncio.wait_for(ep.slots.acquire(), self.spec.queue_timeout)
@@ -203,7 +215,7 @@ class RunnerPool:
         ep.waiters += 1  # from here until bound, its runner is not evicted
         try:
             while True:
-                runner = ep.runner
+                runner = ep.pick(headers)
                 if runner is not None and not runner.serving:
                     self.notice_exit(ep, runner)
                     runner = None
@@ -219,10 +231,11 @@ class RunnerPool:
         finally:
             ep.waiters -= 1
 
-    def acquire_now(self, ep: Endpoint) -> Runner | None:
+    def acquire_now(self, ep: Endpoint,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> Runner | None:
         """``acquire`` when it would not wait: the endpoint's serving runner, bound, if no
         start or ``max_concurrency`` queue is in the way; else None (use ``acquire``)."""
-        runner = ep.runner
+        runner = ep.pick(headers)
         if ep.slots is not None or runner is None or not runner.serving:
             return None
         runner.bind()
@@ -346,6 +359,7 @@ class RunnerPool:
     # -- declared endpoints ---------------------------------------------------------------
     def add_endpoint(self, spec: EndpointSpec) -> Endpoint:
         ep = Endpoint(spec)
+        self.journal.restore(ep)
         self.endpoints[spec.key] = ep
         self._supervise_helpers()
         if spec.preload:

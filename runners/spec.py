@@ -14,6 +14,18 @@ class BatchingSpec:
 
 
 @dataclass(frozen=True)
+class RolloutSpec:
+    """A new version earns its traffic in steps, and is rolled back when it does worse."""
+
+    steps: tuple[float, ...] = (10.0, 50.0, 100.0)  # percent of traffic, ascending
+    step_time: float = 120.0  # seconds at each step (at least; see min_requests)
+    max_error_rate: float = 0.01  # fraction of its requests failing server-side
+    max_latency_ratio: float = 2.0  # its p95 over the old version's
+    min_requests: int = 50  # per step, before the step is judged or passed
+    sticky: str | None = None  # a header: a caller with one value stays on one version
+
+
+@dataclass(frozen=True)
 class EndpointSpec:
     name: str
     alias: str
@@ -29,6 +41,7 @@ class EndpointSpec:
     preload: bool = False
     pinned: bool = False
     batching: BatchingSpec | None = None
+    rollout: RolloutSpec | None = None  # None: a new version takes all traffic at once
 
     @property
     def key(self) -> tuple[str, str]:
@@ -39,8 +52,9 @@ class EndpointSpec:
         return f"{self.name}/{self.alias}"
 
     def runs_like(self, other: EndpointSpec) -> bool:
-        """Whether ``other`` needs the same runner: they differ in batching at most."""
-        return replace(self, batching=other.batching) == other
+        """Whether ``other`` needs the same runner: they differ in batching or rollout at
+        most."""
+        return replace(self, batching=other.batching, rollout=other.rollout) == other
 
 
 @dataclass(frozen=True)
@@ -57,3 +71,4 @@ class PoolSpec:
     tracking_uri: str | None = None
     registry_uri: str | None = None
     env_cache_dir: str | None = None  # None: environment.default_cache_dir()
+    state_dir: str | None = None  # where rollouts are journalled, to survive a restart

@@ -12,6 +12,9 @@ runner and waits until it answers ``/ping``. What it does when that fails:
   during the backoff re-resolves (at most once a second) and starts at once when the
   alias or stage has moved since; otherwise it gets 503 with ``Retry-After``.
 - The registry cannot be reached: the last good version is started, when there is one.
+- The endpoint has a ``rollout`` and served another version before (in this run, or in
+  the last one: ``rollout_journal``): that version is started, and the new one is rolled
+  out beside it at once. A version rolled back is not started at all.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from .launch import (
 )
 from .ports import PortAllocator
 from .registry import Resolved
+from .rollout_journal import RolloutJournal
 from .runner import Runner
 from .spec import PoolSpec
 from .watchdog import Watchdog
@@ -55,6 +59,7 @@ class StartHost(Protocol):
     events: PoolEvents
     ports: PortAllocator
     watchdog: Watchdog
+    journal: RolloutJournal
 
     async def resolve(self, uri: str, *, example: bool = False) -> Resolved: ...
 
@@ -132,6 +137,9 @@ class RunnerStarter:
                 target = fallback
                 runner = await self._start_reserved(ep, target)
             ep.started(runner, target)
+            self.host.journal.save(ep)
+            if ep.spec.rollout is not None and ep.target.follows:
+                ep.next_poll = -1.0  # the watcher looks at once: a rollout may be due
             self.host.events.cold_start(ep, time.monotonic() - began, True)
             return runner
         except PoolBusy:  # the pool is full, not the endpoint's fault: no backoff
@@ -166,6 +174,13 @@ class RunnerStarter:
         if (last_good is not None and ep.failures and target.version == ep.failed_version
                 and time.monotonic() < ep.retry_at):
             return last_good  # known bad for now: the watcher tries it again later
+        if last_good is not None and target.version != last_good.version and (
+                ep.spec.rollout is not None
+                or (ep.rolled_back is not None and target.version == ep.rolled_back[0])):
+            log.info("endpoint %s: starting version %s, which served last (version %s is "
+                     "rolled out beside it, unless it was rolled back)", ep.label,
+                     last_good.version, target.version)
+            return last_good
         return target
 
     async def _start_reserved(self, ep: Endpoint, target: Resolved) -> Runner:

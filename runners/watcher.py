@@ -11,6 +11,10 @@ once on a webhook or an admin call. What happens when the target names a new ver
 
 If green fails, blue keeps serving and the version is tried again after a backoff. A
 failed endpoint (nothing serving) whose target moves is started again at once.
+
+With a ``rollout`` spec, step 2 is gradual (``rollout.py``): green serves a growing share
+beside blue and switches in only after passing every step; a version rolled back is not
+tried again until the target moves on or an operator retries it (:meth:`retry`).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from .endpoint import Cutover, Endpoint, Phase, State
 from .errors import ResolveError, RunnerError, RunnerStartError, TransportError
 from .pool import RunnerPool
 from .registry import Resolved
+from .rollout import Rollout
 from .runner import Runner
 from .spec import EndpointSpec
 
 log = logging.getLogger("model_gateway.watcher")
 
 JITTER = 0.1  # ±10% of poll_interval, so many endpoints do not poll in lockstep
+JUDGE_INTERVAL = 0.25  # seconds between a rollout's judgements (errors are judged at once)
 
 
 class VersionWatcher:
@@ -121,6 +127,8 @@ class VersionWatcher:
             return
         if resolved.version == ep.version or ep.runner is None:
             return
+        if ep.rolled_back is not None and resolved.version == ep.rolled_back[0]:
+            return  # until the target moves on, or retry()
         if (not force and resolved.version == ep.failed_version
                 and time.monotonic() < ep.retry_at):
             return
@@ -147,17 +155,35 @@ class VersionWatcher:
             ep.use_spec(old)
             ep.last_error = f"config change not applied: cannot resolve {spec.model_uri}: {exc}"
             raise RunnerStartError(ep.last_error) from exc
-        await self._cutover(ep, resolved)
+        await self._cutover(ep, resolved, progressive=False)
         if ep.runner is None or ep.runner.spec is not spec:
             ep.use_spec(old)
             raise RunnerStartError(ep.last_error or "config change not applied")
 
-    async def _cutover(self, ep: Endpoint, resolved: Resolved) -> None:
+    def retry(self, ep: Endpoint) -> bool:
+        """Forget the version a rollout rolled back and look again now; False when none
+        was rolled back."""
+        if ep.rolled_back is None:
+            return False
+        log.info("endpoint %s: version %s may be rolled out again", ep.label,
+                 ep.rolled_back[0])
+        ep.rolled_back = None
+        self.pool.journal.save(ep)
+        self.refresh_now(ep)
+        return True
+
+    async def _cutover(self, ep: Endpoint, resolved: Resolved, *,
+                       progressive: bool = True) -> None:
+        """``progressive``: roll out by the endpoint's ``rollout``, if it has one (a
+        config change of runner settings cuts over at once: the reload waits for it)."""
         cutover = ep.begin_cutover(resolved)
         log.info("endpoint %s: cutover %s -> %s starting", ep.label, ep.version,
                  resolved.version)
         try:
             green = await self._green(ep, cutover)
+            if progressive and ep.spec.rollout is not None and ep.state is State.READY:
+                if not await self._roll_out(ep, cutover, green):
+                    return
         except RunnerError as exc:
             wait = ep.cutover_failed(cutover, str(exc))
             self.pool.events.cutover(ep, False)
@@ -172,11 +198,50 @@ class VersionWatcher:
             await green.stop(grace=2)
             return
         blue = ep.switch(cutover, green)
+        self.pool.journal.save(ep)
         self.pool.events.cutover(ep, True)
         log.info("endpoint %s: now serving version %s (green ready in %.1fs)", ep.label,
                  resolved.version, time.monotonic() - cutover.began)
         if blue is not None:
             self.pool.spawn(self.pool.drain(blue, ep.spec.drain_timeout), f"drain-{blue.port}")
+
+    async def _roll_out(self, ep: Endpoint, cutover: Cutover, green: Runner) -> bool:
+        """Green serves a growing share until judged; True: promoted, switch it in.
+        Rolled back: blue serves alone again and green is drained and stopped."""
+        assert ep.spec.rollout is not None
+        rollout = Rollout(ep.spec.rollout, cutover.version, ep.version)
+        try:
+            ep.begin_rollout(cutover, rollout)
+            self.pool.journal.save(ep)
+            log.info("endpoint %s: rolling out version %s: step 1 at %g%%", ep.label,
+                     cutover.version, rollout.share)
+            while rollout.verdict is None:
+                try:
+                    await asyncio.wait_for(rollout.decided.wait(), JUDGE_INTERVAL)
+                except TimeoutError:
+                    pass
+                if ep.runner is None or ep.state is not State.READY:
+                    rollout.promote("the old version's runner was lost")
+                step = rollout.step
+                rollout.judge()
+                if rollout.step != step:
+                    log.info("endpoint %s: version %s passed step %d; now at %g%%",
+                             ep.label, cutover.version, step + 1, rollout.share)
+        except BaseException:
+            await green.stop(grace=2)
+            raise
+        assert rollout.verdict is not None
+        if rollout.verdict.promoted:
+            log.info("endpoint %s: version %s promoted: %s", ep.label, cutover.version,
+                     rollout.verdict.reason)
+            return True
+        ep.roll_back(cutover, rollout.verdict.reason)
+        self.pool.journal.save(ep)
+        self.pool.events.rolled_back(ep)
+        log.error("endpoint %s: version %s rolled back: %s (version %s keeps serving)",
+                  ep.label, cutover.version, rollout.verdict.reason, ep.version)
+        self.pool.spawn(self.pool.drain(green, ep.spec.drain_timeout), f"drain-{green.port}")
+        return False
 
     async def _green(self, ep: Endpoint, cutover: Cutover) -> Runner:
         """Start the cutover's runner and warm it up; it is stopped if anything fails."""

@@ -7,6 +7,9 @@
 - ``sleepy`` v1: sleeps for the ``seconds`` it is sent; alias ``main``.
 - ``rowcount`` v1: answers one prediction per call, its number of rows; alias ``main``.
 - ``lgbm``   v1: a LightGBM classifier on iris (another flavour); alias ``champion``.
+- ``canary`` answers ``x + version``: v1 and v4 are good, v2 answers 500 for a fifth of
+             inputs (``int(x) % 5 == 0``), v3 takes 150 ms more per call; no alias (each
+             rollout test sets its own).
 """
 
 from __future__ import annotations
@@ -82,6 +85,14 @@ def build_registry(root: Path) -> Registry:
             lightgbm.LGBMClassifier(n_estimators=10, verbose=-1).fit(X, iris.target),
             name="model", input_example=X.head(2), registered_model_name="lgbm")
     client.set_registered_model_alias("lgbm", "champion", info.registered_model_version)
+
+    canary = str(Path(__file__).parent / "models/canary.py")
+    for config in ({"offset": 1}, {"offset": 2, "fail_every": 5}, {"offset": 3, "sleep": 0.15},
+                   {"offset": 4}):
+        with mlflow.start_run():
+            mlflow.pyfunc.log_model(name="model", python_model=canary, model_config=config,
+                                    input_example=pd.DataFrame({"x": [1.0]}),
+                                    registered_model_name="canary")
     return Registry(root=root, tracking_uri=uri, iris_path=iris_path)
 
 

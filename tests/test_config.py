@@ -115,3 +115,46 @@ def test_serve_with_bad_config_exits_nonzero_and_starts_nothing(tmp_path: Path) 
     assert out.returncode == 2
     assert "pool.max_runners: must be ≥ 1" in out.stderr
     assert "Uvicorn running" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_rollouts_take_defaults_and_bad_ones_are_refused_with_key_paths() -> None:
+    config = parse_config("""
+defaults:
+  rollout: {steps: [10, 50, 100], step_time: 3m, max_error_rate: 1%, min_requests: 50}
+endpoints:
+  - {name: churn, alias: champion}
+  - {name: churn, alias: challenger, rollout: false}
+  - {name: churn, alias: canary, rollout: {steps: ["5%", 100], sticky: X-Customer-Id}}
+""", env={})
+    specs = {s.alias: s.rollout for s in config.endpoint_specs()}
+    champion = specs["champion"]
+    assert champion is not None and champion.steps == (10, 50, 100)
+    assert (champion.step_time, champion.max_error_rate, champion.max_latency_ratio) == \
+        (180.0, 0.01, 2.0)
+    assert specs["challenger"] is None
+    canary = specs["canary"]
+    assert canary is not None and canary.steps == (5, 100) and canary.sticky == "X-Customer-Id"
+    assert canary.step_time == 120.0, "an endpoint's own rollout replaces the defaults' whole"
+    with pytest.raises(ConfigError) as err:
+        parse_config("""
+endpoints:
+  - {name: a, alias: b, rollout: {steps: [50, 10]}}
+  - {name: a, alias: c, rollout: {steps: [0, 100], max_error_rate: 120%}}
+  - {name: a, alias: d, rollout: {max_latency_ratio: 0.5, min_requests: 0, step_time: soon}}
+  - {name: a, alias: e, rollout: {stepz: 1}}
+""", env={})
+    assert err.value.errors == [
+        "endpoints[0].rollout.steps: steps must go up, such as [10, 50, 100]",
+        "endpoints[1].rollout.steps: each step is a percent of traffic: more than 0, at most 100",
+        "endpoints[1].rollout.max_error_rate: must be ≤ 100.0",
+        "endpoints[2].rollout.step_time: must be a duration such as 90, 90s, 5m or 1h, "
+        "not 'soon'",
+        "endpoints[2].rollout.max_latency_ratio: must be ≥ 1.0",
+        "endpoints[2].rollout.min_requests: must be ≥ 1",
+        "endpoints[3].rollout.stepz: unknown key",
+    ]
+    with pytest.raises(ConfigError) as err:
+        parse_config("endpoints:\n  - {name: a, alias: b}\n"
+                     "  - {name: a, alias: live, traffic: {b: 1}, rollout: {}}\n", env={})
+    assert err.value.errors == [
+        "endpoints[1].rollout: a routing endpoint (traffic) has no runner; set it on its arms"]

@@ -172,3 +172,37 @@ def test_the_page_asks_for_a_token_and_shows_what_it_may_see(
     # The only console errors: the browser reporting the 401s of the token-less polls.
     assert console.errors and all("401" in e for e in console.errors), console.errors
     page.close()
+
+
+def test_a_rollout_and_its_rollback_show_on_the_row(start_gateway: Any, registry: Registry,
+                                                    browser: Browser) -> None:
+    client = MlflowClient(registry.tracking_uri)
+    client.set_registered_model_alias("canary", "page", "1")
+    gw: GatewayProcess = start_gateway(
+        [{"name": "canary", "alias": "page", "poll_interval": "1s",
+          "rollout": {"steps": [50, 100], "step_time": "5m", "min_requests": 5}}],
+        auth={"admin_tokens": [ADMIN]})
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    assert gw.predict("canary", "page", {"inputs": {"x": [1]}}).status_code == 200
+    page = browser.new_page()
+    console = Console(page)
+    page.goto(gw.url + "/")
+    canary = row(page, "canary/page")
+    client.set_registered_model_alias("canary", "page", "4")
+    expect(canary.locator(".rollout")).to_have_text(
+        re.compile(r"^rollout of v4: step 1/2 · 50 % · \d+ requests$"), timeout=60_000)
+    for _ in range(20):
+        assert gw.predict("canary", "page", {"inputs": {"x": [1]}}).status_code == 200
+    expect(canary.locator(".rollout")).to_contain_text("requests", timeout=5_000)
+    shot(page, "5-rollout")
+    aborted = gw.client.post("/admin/endpoints/canary/page/rollout/abort", headers=admin)
+    assert aborted.status_code == 200
+    expect(canary.locator(".rolled-back")).to_have_text("v4 rolled back", timeout=10_000)
+    expect(canary.locator(".rolled-back")).to_have_attribute("title", "aborted by an operator")
+    expect(canary.locator(".rollout")).to_have_count(0)
+    expect(canary.locator(".version")).to_have_text("v1")
+    expect(page.locator('#events li[data-kind="rollback"]')).to_contain_text(
+        "version 4 rolled back: aborted by an operator")
+    shot(page, "6-rolled-back")
+    assert console.errors == []
+    page.close()

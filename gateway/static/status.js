@@ -125,9 +125,19 @@ function stateCell(ep) {
   const word = STATE_WORDS[ep.state] || ep.state;
   const cell = el("td", { "data-state": ep.state },
     el("span", { class: `state state-${ep.state}`, title: ep.state }, word));
-  if (ep.pending_version) {
+  const r = ep.rollout;
+  if (r) {
+    const errors = r.new.errors ? `, ${r.new.errors} failed` : "";
+    cell.append(el("span", { class: "cutover rollout", title: "rolling out step by step" },
+      `rollout of v${r.version}: step ${r.step}/${r.steps.length} · ${r.share} % · ` +
+      `${r.new.requests} requests${errors}`));
+  } else if (ep.pending_version) {
     cell.append(el("span", { class: "cutover" },
       `cutover to v${ep.pending_version}: ${ep.pending_state || "starting"}`));
+  }
+  if (ep.rolled_back) {
+    cell.append(el("span", { class: "cutover rolled-back", title: ep.rolled_back.reason },
+      `v${ep.rolled_back.version} rolled back`));
   }
   if (ep.state === "failed" && ep.retry_in !== null) {
     cell.append(el("span", { class: "cutover" }, `retry in ${ep.retry_in} s`));

@@ -164,7 +164,8 @@ def test_switch_is_legal_only_with_a_warmed_cutover_when_serving_or_failed() -> 
 def test_cutover_phases() -> None:
     legal = {(a, b) for a, targets in PHASES.items() for b in targets}
     assert legal == {(None, Phase.STARTING), (Phase.STARTING, Phase.BUILDING_ENV),
-                     (Phase.BUILDING_ENV, Phase.STARTING), (Phase.STARTING, Phase.WARMING)}
+                     (Phase.BUILDING_ENV, Phase.STARTING), (Phase.STARTING, Phase.WARMING),
+                     (Phase.WARMING, Phase.ROLLING)}
     ep = in_state(State.READY)
     cutover = ep.begin_cutover(V2)
     assert cutover.phase is Phase.STARTING and ep.status()["pending_version"] == "2"
