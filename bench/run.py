@@ -27,6 +27,7 @@ from bench import (
     many_models,
     peers,
     proxy,
+    rollout,
     soak,
     traffic,
     v2,
@@ -43,6 +44,7 @@ SECTIONS: dict[str, Callable[[Options], str]] = {
     "traffic": traffic.run,  # what shadow traffic and the inference log cost callers
     "v2": lambda options: v2.run(options, 2),  # V2 inference against /invocations
     "cutover": cutover.run,
+    "rollout": rollout.run,  # progressive cutovers: rolled back, promoted, SIGTERM mid-way
     "many_models": many_models.run,
     "peers": lambda options: peers.run(dataclasses.replace(options, rounds=10)),
     # Sections whose duration means something else keep their own.
