@@ -3,8 +3,10 @@
     .venv/bin/python bench/traffic.py [--rounds 5] [--duration 5]
 
 One gateway over the demo registry with endpoints of the same model (``iris@champion``):
-``plain``, ``shadowed`` (``shadow: {to: target, percent: 25}``, ``target`` being a fourth
-endpoint of the same model) and ``logged`` (``inference_log`` at ``sample: 100%``). wrk
+``plain``, ``shadowed`` (``shadow: {to: target, percent: 25}``, ``target`` being another
+endpoint of the same model), ``yielding`` (the same, to ``idle``: a shadow endpoint with
+``nice: 19``, whose runner yields the CPU to the primary's) and ``logged``
+(``inference_log`` at ``sample: 100%``). wrk
 (1 thread, 16 connections) sends 2-row predictions to each in turn, round after round;
 medians of req/s and latency are reported against ``plain``, with the shadow's outcomes
 and the log's lines written and dropped, from the gateway's metrics.
@@ -39,7 +41,7 @@ from bench.harness import (
 from bench.probes import by_label, metric, predict, scrape, write_config
 from bench.proxy import BODY, DEMO_DB, ensure_demo
 
-TARGETS = ("plain", "shadowed", "logged")
+TARGETS = ("plain", "shadowed", "yielding", "logged")
 URI = "models:/iris@champion"
 
 
@@ -56,6 +58,10 @@ def run(options: Options) -> str:
                 {"name": "iris", "alias": "target", "model_uri": URI, "preload": True},
                 {"name": "iris", "alias": "shadowed", "model_uri": URI, "preload": True,
                  "shadow": {"to": "target", "percent": 25}},
+                {"name": "iris", "alias": "idle", "model_uri": URI, "preload": True,
+                 "nice": 19},
+                {"name": "iris", "alias": "yielding", "model_uri": URI, "preload": True,
+                 "shadow": {"to": "idle", "percent": 25}},
                 {"name": "iris", "alias": "logged", "model_uri": URI, "preload": True,
                  "inference_log": {"path": str(log), "sample": "100%"}}]})
         results: dict[str, list[Any]] = {t: [] for t in TARGETS}
@@ -82,14 +88,15 @@ def run(options: Options) -> str:
                               f"{result.p50_ms:6.2f} ms", file=sys.stderr, flush=True)
             time.sleep(2)  # the last shadow copies and log lines
             samples = scrape(gateway.url)
-        outcomes = by_label([s for s in samples if s[1].get("alias") == "shadowed"],
-                            "model_gateway_shadow_requests_total", "outcome")
+        outcomes = {alias: by_label([s for s in samples if s[1].get("alias") == alias],
+                                    "model_gateway_shadow_requests_total", "outcome")
+                    for alias in ("shadowed", "yielding")}
         lines = {r: metric(samples, "model_gateway_inference_log_lines_total", result=r)
                  for r in ("written", "dropped")}
     return render(results, outcomes, lines, options)
 
 
-def render(results: dict[str, list[Any]], outcomes: dict[str, float],
+def render(results: dict[str, list[Any]], outcomes: dict[str, dict[str, float]],
            lines: dict[str, float], options: Options) -> str:
     base_rps = median([r.rps for r in results["plain"]])
     base_p50 = median([r.p50_ms for r in results["plain"]])
@@ -107,8 +114,10 @@ def render(results: dict[str, list[Any]], outcomes: dict[str, float],
         "wrk 1 thread, 16 connections, 2-row predictions to `iris@champion` endpoints:",
         markdown_table(["endpoint", "req/s", "× plain", "p50 ms", "Δ p50 ms", "p99 ms",
                         "errors"], rows),
-        "Shadow outcomes: " + (", ".join(f"{k} {v:,.0f}" for k, v in sorted(outcomes.items()))
-                               or "none") + ". Inference log lines: "
+        "Shadow outcomes: " + "; ".join(
+            f"{alias}: " + (", ".join(f"{k} {v:,.0f}" for k, v in sorted(seen.items()))
+                            or "none") for alias, seen in outcomes.items())
+        + ". Inference log lines: "
         f"{lines['written']:,.0f} written, {lines['dropped']:,.0f} dropped.",
     ])
 

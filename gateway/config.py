@@ -126,6 +126,7 @@ class EndpointDefaults(Strict):
     poll_interval: Duration = Field(30.0, gt=0)
     drain_timeout: Duration = 30.0
     max_concurrency: int = Field(0, ge=0)
+    nice: int = Field(0, ge=0, le=19)  # runners' CPU priority below the gateway's
     # absent: every request is its own predict call
     batching: Annotated[BatchingConfig | None, BeforeValidator(off_when_false)] = None
     inference_log: Annotated[InferenceLogConfig | None,
@@ -146,6 +147,7 @@ class EndpointConfig(Strict):
     poll_interval: Duration | None = Field(None, gt=0)
     drain_timeout: Duration | None = None
     max_concurrency: int | None = Field(None, ge=0)
+    nice: int | None = Field(None, ge=0, le=19)
     batching: Annotated[BatchingConfig | None, BeforeValidator(off_when_false)] = None
     inference_log: Annotated[InferenceLogConfig | None,
                              BeforeValidator(off_when_false)] = None

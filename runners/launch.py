@@ -64,6 +64,7 @@ class LaunchSpec:
     request_timeout: float = 60.0
     python: Path | None = None  # a built environment's interpreter
     env_manager: str = "local"
+    nice: int = 0  # lower CPU priority by this (0–19)
 
     @property
     def title(self) -> str:
@@ -76,7 +77,8 @@ class LaunchSpec:
         # the gateway's own JSON 504, not MLflow's plain-text one racing it.
         timeout = math.ceil(self.request_timeout) + RUNNER_TIMEOUT_SLACK
         return ServeOptions(model_uri=self.model_uri, port=self.port, unix_socket=self.socket,
-                            workers=self.workers, timeout=timeout, title=self.title)
+                            workers=self.workers, timeout=timeout, title=self.title,
+                            nice=self.nice)
 
     def argv(self) -> list[str]:
         """The command line of every launcher but ``fork``."""
@@ -88,7 +90,8 @@ class LaunchSpec:
             return [str(self.python), SERVE_SCRIPT, *options.argv()]
         if self.launcher in ("direct", "fork"):
             return [sys.executable, "-m", "runners.serve", *options.argv()]
-        return [sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri,
+        nice = ["nice", "-n", str(self.nice)] if self.nice else []
+        return [*nice, sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri,
                 "--env-manager", self.env_manager, "-h", "127.0.0.1", "-p", str(self.port),
                 "--workers", str(self.workers), "--timeout", str(options.timeout)]
 

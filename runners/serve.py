@@ -32,6 +32,7 @@ class ServeOptions:
     workers: int = 1
     timeout: int = 60  # MLflow's own request timeout, seconds
     title: str | None = None  # the process title ps shows
+    nice: int = 0  # CPU priority below the gateway's (0–19): e.g. a shadow's runner
 
     def argv(self) -> list[str]:
         """These options as :func:`main` reads them."""
@@ -63,6 +64,8 @@ def set_title(title: str) -> None:
 def run(options: ServeOptions) -> int:
     if options.title:
         set_title(options.title)
+    if options.nice:  # before loading: every thread and worker it starts inherits it
+        os.nice(options.nice)
     from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 
     os.environ[MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name] = str(options.timeout)
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=60)
     parser.add_argument("--title", help="the process title")
+    parser.add_argument("--nice", type=int, default=0, help="lower CPU priority by this")
     return run(ServeOptions(**vars(parser.parse_args(argv))))
 
 

@@ -40,6 +40,7 @@ class EndpointSpec:
     max_concurrency: int = 0  # 0: unlimited
     preload: bool = False
     pinned: bool = False
+    nice: int = 0  # its runners' CPU priority below the gateway's (0–19)
     batching: BatchingSpec | None = None
     rollout: RolloutSpec | None = None  # None: a new version takes all traffic at once
 

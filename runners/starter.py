@@ -215,7 +215,8 @@ class RunnerStarter:
             spec = LaunchSpec(label=ep.label, version=target.version, model_uri=model_path,
                               port=port, socket=socket, launcher=launcher, env=env,
                               workers=ep.spec.workers, request_timeout=ep.spec.request_timeout,
-                              python=python, env_manager=ep.spec.env_manager)
+                              python=python, env_manager=ep.spec.env_manager,
+                              nice=ep.spec.nice)
             runner = Runner(ep.spec, spec, host.fork, model_uri=target.uri)
             host.adopt(ep, runner)
             if on_runner is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -54,7 +55,8 @@ def gw(request: pytest.FixtureRequest, registry: Registry,
                   {"name": "iris", "alias": "champion"},
                   {"name": "iris", "alias": "cli", "model_uri": "models:/iris@champion",
                    "launcher": "cli"},
-                  {"name": "iris v1.0", "alias": "local", "model_uri": registry.iris_path},
+                  {"name": "iris v1.0", "alias": "local", "model_uri": registry.iris_path,
+                   "nice": 5},
                   {"name": "sleepy", "alias": "main", "request_timeout": "2s"},
                   {"name": "ghost", "alias": "x", "model_uri": "models:/no-such-model@nope"},
               ]}
@@ -65,6 +67,15 @@ def gw(request: pytest.FixtureRequest, registry: Registry,
     yield gateway
     log = gateway.log()
     assert gateway.stop() == 0, log
+
+
+def test_nice_lowers_a_runners_cpu_priority_and_its_childrens(gw: GatewayProcess) -> None:
+    assert gw.predict("iris v1.0", "local", IRIS).status_code == 200
+    assert gw.predict("iris", "champion", IRIS).status_code == 200
+    for alias, name, nice in (("local", "iris v1.0", 5), ("champion", "iris", 0)):
+        runner = psutil.Process(gw.status(name, alias)["runner"]["pid"])
+        family = [runner, *runner.children(recursive=True)]
+        assert {p.nice() for p in family} == {nice}, (alias, family)
 
 
 def test_json_prediction_with_version_headers(gw: GatewayProcess) -> None:

@@ -46,6 +46,9 @@ def test_each_launcher_makes_its_own_command() -> None:
     assert cli[:4] == [sys.executable, "-m", "mlflow", "models"]
     assert cli[cli.index("-m", 2) + 1] == "models:/churn/7"
     assert cli[cli.index("--workers") + 1] == "2" and cli[cli.index("--timeout") + 1] == "35"
+    niced = launch("cli", env_manager="local", nice=7).argv()
+    assert niced[:4] == ["nice", "-n", "7", sys.executable]
+    assert launch("direct", nice=7).serve_options().nice == 7
 
 
 def test_which_runners_listen_on_a_socket_and_which_on_tcp() -> None:
