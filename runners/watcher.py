@@ -83,7 +83,9 @@ class VersionWatcher:
                     self._schedule_next(ep)
                 elif now >= ep.next_poll:
                     self._schedule_next(ep)
-                    self.pool.spawn(self.refresh(ep), f"poll-{ep.label}")
+                    running = ep.refresh_task
+                    if running is None or running.done():  # not during a rollout's minutes
+                        self.pool.spawn(self.refresh(ep), f"poll-{ep.label}")
 
     # -- what to do -----------------------------------------------------------------------
     async def refresh(self, ep: Endpoint, *, force: bool = False) -> None:

