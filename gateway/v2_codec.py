@@ -90,16 +90,16 @@ def _flatten(data: Any, depth: int = 0) -> list[Any]:
 
 
 # The JSON types each datatype takes as they are (bool is not an int here: ``type() is``).
-_PLAIN = {**{t: frozenset({int}) for t in ("INT8", "INT16", "INT32", "INT64", "UINT8",
-                                           "UINT16", "UINT32", "UINT64")},
-          **{t: frozenset({float}) for t in ("FP16", "FP32", "FP64")},
-          "BOOL": frozenset({bool}), "BYTES": frozenset({str})}
+PLAIN = {**{t: frozenset({int}) for t in ("INT8", "INT16", "INT32", "INT64", "UINT8",
+                                          "UINT16", "UINT32", "UINT64")},
+         **{t: frozenset({float}) for t in ("FP16", "FP32", "FP64")},
+         "BOOL": frozenset({bool}), "BYTES": frozenset({str})}
 
 
 def _check_values(flat: list[Any], datatype: str, name: str) -> list[Any]:
     """``flat`` as the Python type of ``datatype``; V2Error naming the first value that is
     not one. Plain values (every float finite) are taken as they are, in one pass."""
-    plain = _PLAIN[datatype]
+    plain = PLAIN[datatype]
     if all(type(v) in plain for v in flat) and \
             (datatype not in _FLOATS or all(map(math.isfinite, flat))):
         return flat

@@ -130,6 +130,40 @@ def test_what_does_not_fit_the_signature_is_a_clear_400(
     assert err.value.status() == "400" and "binary tensor data" in err.value.message()
 
 
+def test_plain_and_unusual_requests_are_answered_alike(gw: GatewayProcess) -> None:
+    """The direct path translates plain requests in one pass (v2_fast) and the rest with
+    the general codec: the answers are the same, and those of /invocations."""
+    def column(name: str, data: list[Any], shape: list[int] | None = None) -> dict[str, Any]:
+        return {"name": name, "datatype": "FP64", "shape": shape or [2], "data": data}
+
+    plain = [column(c, [r[i] for r in ROWS]) for i, c in enumerate(IRIS_COLUMNS)]
+    as_rows = [column(c, [[r[i]] for r in ROWS], [2, 1]) for i, c in enumerate(IRIS_COLUMNS)]
+    requests = [{"inputs": plain}, {"inputs": as_rows},
+                {"inputs": plain, "id": "r-2", "outputs": [{"name": "output-0"}],
+                 "parameters": {"binary_data_output": False}},
+                {"inputs": [{**plain[0], "data": [5, 7]}, *plain[1:]]}]  # ints: as floats
+    answers = [gw.client.post("/v2/models/iris/versions/champion/infer", json=r,
+                              headers={**AUTH}) for r in requests]
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    output = {"name": "output-0", "datatype": "INT64", "shape": [2], "data": EXPECTED}
+    assert answers[0].json() == {"model_name": "iris", "model_version": "1",
+                                 "outputs": [output]}
+    assert answers[1].json() == answers[0].json()
+    assert answers[2].json() == {**answers[0].json(), "id": "r-2"}
+    assert answers[3].json()["outputs"][0]["shape"] == [2]
+    unknown = gw.client.post("/v2/models/iris/versions/champion/infer", headers={**AUTH},
+                             json={"inputs": [*plain, column("colour", [1.0, 2.0])]})
+    assert unknown.status_code == 400
+    assert unknown.json() == {"error": "input 'colour' is not in the model's signature "
+                                       f"(inputs: {', '.join(IRIS_COLUMNS)})"}
+    # An output the model does not have is the caller's mistake, on every path.
+    for _ in range(3):  # the first may take the ASGI path, the next the direct one
+        nope = gw.client.post("/v2/models/iris/versions/champion/infer", headers={**AUTH},
+                              json={"inputs": plain, "outputs": [{"name": "nope"}]})
+        assert nope.status_code == 400, nope.text
+        assert nope.json()["error"].startswith("unknown outputs: nope")
+
+
 def test_the_openapi_document_is_valid_and_schemathesis_finds_nothing(
         gw: GatewayProcess, tmp_path: Path) -> None:
     doc = gw.client.get("/openapi.json", headers={**AUTH}).json()

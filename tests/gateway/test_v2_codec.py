@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+import random
 from typing import Any
 
 import pytest
@@ -9,10 +12,13 @@ import pytest
 from gateway.v2_codec import (
     V2Error,
     from_mlflow,
+    mlflow_body,
     model_metadata,
     select_outputs,
     to_mlflow,
+    v2_answer,
 )
+from gateway.v2_fast import answer_body, plan_for, request_body
 from runners.signature import ModelMetadata
 
 COLUMNS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -154,3 +160,137 @@ def test_requested_outputs_are_selected_and_unknown_ones_refused() -> None:
     assert select_outputs(outputs, {}) == outputs
     with pytest.raises(V2Error, match="unknown outputs: c"):
         select_outputs(outputs, {"outputs": [{"name": "c"}]})
+
+
+# -- the direct path's fast translation (v2_fast): the general one's result, or None -------
+IRIS_TENSOR = ModelMetadata(uri="m", version="5", inputs=[
+    {"type": "tensor", "tensor-spec": {"dtype": "float64", "shape": [-1, 4]}}],
+    outputs=[{"type": "tensor", "tensor-spec": {"dtype": "int64", "shape": [-1]}}])
+NAMED = ModelMetadata(uri="m", version="6", inputs=[
+    {"type": "tensor", "name": "x", "tensor-spec": {"dtype": "int64", "shape": [-1]}}],
+    outputs=[{"type": "string", "name": "label"}])
+NO_SIGNATURE = ModelMetadata(uri="x", version=None)
+SIGNATURES = [IRIS, MIXED, IMAGE, TWO_TENSORS, IRIS_TENSOR, NAMED, NO_SIGNATURE]
+DATATYPES = ["FP64", "FP32", "INT64", "INT32", "BOOL", "BYTES", "FP128"]
+ODD_VALUES = [None, True, 2**70, -(2**64), "NaN", [1.0], 0, 1.5]
+
+
+def same_json(a: bytes, b: bytes) -> bool:
+    """Equal as JSON, integers and floats told apart (orjson and json write floats
+    differently, e.g. 1e-05 and 0.00001; a runner and a V2 client read them the same)."""
+    return json.dumps(json.loads(a)) == json.dumps(json.loads(b))
+
+
+def random_value(rng: random.Random, datatype: str) -> Any:
+    if rng.random() < 0.04:
+        return rng.choice(ODD_VALUES)
+    if datatype.startswith("FP"):
+        return rng.choice([rng.uniform(-10, 10), 1e-7, 1e16, float(rng.randint(0, 5))])
+    if datatype == "BOOL":
+        return rng.random() < 0.5
+    if datatype == "BYTES":
+        return rng.choice(["a", "Ωmega", "", "x y"])
+    return rng.randint(-3, 2**40)
+
+
+def random_input(rng: random.Random, meta: ModelMetadata) -> dict[str, Any]:
+    specs = model_metadata("m", None, meta)["inputs"] or [
+        {"name": "c", "datatype": "FP64", "shape": [-1]}]
+    spec = rng.choice(specs)
+    datatype = spec["datatype"] if rng.random() < 0.85 else rng.choice(DATATYPES)
+    rows = rng.randint(0, 3)
+    shape = [rows if d == -1 else d for d in spec["shape"]]
+    if rng.random() < 0.15:
+        shape = rng.choice([[rows, 1], [rows, 2], [rows, 2, 2], [rows], [-1], [True], []])
+    data: Any = [random_value(rng, datatype) for _ in range(math.prod(shape) if all(
+        isinstance(d, int) and d >= 0 for d in shape) else 1)]
+    if len(shape) == 2 and shape[1] and rng.random() < 0.8:  # nested as the shape, mostly
+        data = [data[i:i + shape[1]] for i in range(0, len(data), shape[1])]
+    if rng.random() < 0.05:
+        data = data[:-1] if data else [1.0]
+    name = spec["name"] if rng.random() < 0.9 else rng.choice(["other", "", "input-0"])
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data}
+
+
+def random_request(rng: random.Random, meta: ModelMetadata) -> dict[str, Any]:
+    specs = model_metadata("m", None, meta)["inputs"]
+    if specs and rng.random() < 0.7:  # every input of the signature, as a client sends them
+        rows = rng.randint(0, 3)
+        inputs = []
+        for spec in specs:
+            item = random_input(rng, meta)
+            shape = [rows if d == -1 else d for d in spec["shape"]]
+            values = [random_value(rng, spec["datatype"]) for _ in range(math.prod(shape))]
+            if len(shape) == 2 and shape[1]:
+                values = [values[i:i + shape[1]] for i in range(0, len(values), shape[1])]
+            inputs.append(item if rng.random() < 0.1 else {**spec, "shape": shape,
+                                                          "data": values})
+    else:
+        inputs = [random_input(rng, meta) for _ in range(rng.randint(1, 3))]
+    request: dict[str, Any] = {"inputs": inputs}
+    if rng.random() < 0.3:
+        request["parameters"] = rng.choice([{}, {"content_type": "pd"}, {"threshold": 0.5},
+                                            {"binary_data_output": False}, "x", None])
+    if rng.random() < 0.2:
+        request["id"] = rng.choice(["req-1", 7])
+    return request
+
+
+@pytest.mark.parametrize("meta", SIGNATURES, ids=lambda m: m.uri + str(m.version))
+def test_the_fast_translation_of_a_request_is_the_general_one_or_none(
+        meta: ModelMetadata) -> None:
+    rng = random.Random(17)
+    plan = plan_for(meta)
+    fast_ones = 0
+    for _ in range(600):
+        body = json.dumps(random_request(rng, meta)).encode()
+        fast = request_body(body, plan)
+        try:
+            general = mlflow_body(json.loads(body), meta)
+        except V2Error:
+            assert fast is None, body
+            continue
+        if fast is not None:
+            fast_ones += 1
+            assert fast[0] == json.loads(body) and same_json(fast[1], general), body
+    # The plain cases do take it (rank 3 tensors never do).
+    assert fast_ones >= 30 if meta is not IMAGE else fast_ones == 0, fast_ones
+
+
+def test_the_fast_translation_leaves_what_orjson_reads_otherwise_to_json() -> None:
+    plan = plan_for(IRIS)
+    for data in (b"NaN", b"1e999", b'"\\ud800"', b"18446744073709551616"):
+        body = b'{"inputs": [{"name": "sepal_length", "datatype": "FP64", "shape": [1], ' \
+            b'"data": [%s]}]}' % data
+        assert request_body(body, plan) is None
+    typed = plan_for(NAMED)
+    assert request_body(b'{"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], '
+                        b'"data": [18446744073709551616]}]}', typed) is None
+    ok = b'{"inputs": [{"name": "x", "datatype": "INT64", "shape": [2], "data": [1, 2]}]}'
+    assert request_body(ok, typed) == (json.loads(ok), b'{"inputs":{"x":[1,2]}}')
+
+
+@pytest.mark.parametrize("predictions", [
+    [0, 2], [0.5, 1], [1.5e-7, 2.0], [True, False], ["a", "b"], [[0.1, 0.9]], [], [0, None],
+    {"a": [1]}, [{"label": "a"}], [2**64 + 1, 1], [float(2**63), 1.0], [18446744073709551615],
+    [-(2**63) - 1], 3])
+@pytest.mark.parametrize("meta", [IRIS, IMAGE, NAMED, NO_SIGNATURE, TWO_TENSORS],
+                         ids=lambda m: m.uri + str(m.version))
+@pytest.mark.parametrize("request_", [{}, {"id": "r", "outputs": [{"name": "output-0"}]},
+                                      {"outputs": [{"name": "nope"}]}, {"id": 3}])
+def test_the_fast_answer_is_the_general_one_or_none(predictions: Any, meta: ModelMetadata,
+                                                    request_: dict[str, Any]) -> None:
+    answer = json.dumps({"predictions": predictions}).encode()
+    try:
+        general: Any = v2_answer("m", "1", request_, json.loads(answer), meta)
+    except V2Error as exc:
+        general = exc
+    try:
+        fast: Any = answer_body("m", "1", request_, answer, plan_for(meta))
+    except V2Error as exc:
+        assert str(exc) == str(general)
+        return
+    if fast is not None:
+        assert same_json(fast, json.dumps(general).encode())
+    if predictions == [0, 2] and "nope" not in str(request_) and meta is not NAMED:
+        assert fast is not None
