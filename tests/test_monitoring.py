@@ -156,6 +156,7 @@ def driven_metrics() -> tuple[set[str], Samples]:
     for ok in (True, False):
         metrics.cold_start(ep, 1.0, ok)
         metrics.cutover(ep, ok)
+    metrics.rolled_back(ep)
     for reason in ("capacity", "memory", "idle"):
         metrics.eviction(ep, reason)
     metrics.restart(ep)
