@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from runners import Cutover, Endpoint, RunnerError, RunnerPool, VersionWatcher
+from runners import Endpoint, RunnerError, RunnerPool, VersionWatcher
 
 from .auth import TokenSet, bearer
 from .config import ConfigError
@@ -112,7 +112,9 @@ class AdminAPI:
             rollout.promote("promoted by an operator")
         else:
             rollout.roll_back("aborted by an operator")
-        await _settled(ep, cutover)
+        # The watcher acts on the verdict within its judging interval: answer after it.
+        if ep.refresh_task is not None:
+            await asyncio.wait([ep.refresh_task], timeout=5)
         return JSONResponse(ep.status())
 
     async def logs(self, request: Request, ep: Endpoint) -> Response:
@@ -149,14 +151,6 @@ class AdminAPI:
             # The route the follow-the-registry issue started with; same as admin reload.
             Route("/models/{name}/{alias}/reload", g(self.reload_endpoint), methods=["POST"]),
         ]
-
-
-async def _settled(ep: Endpoint, cutover: Cutover | None, timeout: float = 5.0) -> None:
-    """Wait (briefly) until the watcher has acted on a rollout's verdict."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while ep.cutover is cutover and loop.time() < deadline:
-        await asyncio.sleep(0.02)
 
 
 def _yes(request: Request, name: str) -> bool:

@@ -29,7 +29,7 @@ from runners.signature import ModelCatalog
 
 from .direct import DirectExchange
 from .errors import map_error
-from .request import IncomingRequest
+from .request import SMALL_BODY, IncomingRequest
 from .types import ASGIApp, Receive, Scope, Send
 from .v2_codec import V2Error, mlflow_body, mlflow_message, v2_answer
 from .v2_fast import Plan, answer_body, plan_for, request_body
@@ -46,7 +46,6 @@ class OpenInference(Protocol):
 
     def endpoint(self, params: dict[str, Any]) -> Endpoint: ...
 
-SMALL_BODY = 256 * 1024
 JSON = (b"content-type", b"application/json")
 V2_INFER = "v2-infer"  # the action of a V2 inference route on the direct path
 

@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 import httpx
 import psutil
@@ -21,6 +22,7 @@ import yaml
 from tests.registry import Registry, build_registry
 
 ROOT = Path(__file__).resolve().parent.parent
+Answer = TypeVar("Answer")
 
 
 def free_port() -> int:
@@ -55,6 +57,36 @@ def is_runner(proc: psutil.Process) -> bool:
 
 def runner_processes(owner: str) -> list[psutil.Process]:
     return [p for p in owned_processes(owner) if is_runner(p)]
+
+
+class ClientThreads(Generic[Answer]):
+    """Client threads sending requests back to back until the block ends; each keeps
+    its answers in order (``answers[i]``). Subclasses send in ``_run(i)``."""
+
+    def __init__(self, clients: int) -> None:
+        self.answers: list[list[Answer]] = [[] for _ in range(clients)]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        raise NotImplementedError
+
+    def running(self) -> bool:
+        return not self._stop.is_set()
+
+    def __enter__(self) -> Self:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(90)
+
+    @property
+    def all(self) -> list[Answer]:
+        return [a for client in self.answers for a in client]
 
 
 ADMIN_TOKEN = "admin-token-of-the-test-suite"

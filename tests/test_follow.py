@@ -6,7 +6,6 @@ v3 cannot load), under load from 8 concurrent clients.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +15,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import GatewayProcess, runner_processes, wait_for
+from tests.conftest import ClientThreads, GatewayProcess, runner_processes, wait_for
 from tests.registry import Registry
 
 pytestmark = pytest.mark.slow
@@ -25,20 +24,17 @@ X = {"dataframe_split": {"columns": ["x"], "data": [[0.5]]}}
 ADMIN = "admin-token-for-tests"
 
 
-class Load:
-    """Clients sending predictions back to back until stopped, recording every answer."""
+class Load(ClientThreads[tuple[float, int, Any, str, float]]):
+    """Clients sending predictions back to back until stopped, recording every answer:
+    (answered at, status, prediction or error text, X-Model-Version, sent at)."""
 
     def __init__(self, gw: GatewayProcess, name: str, alias: str, clients: int = 8) -> None:
         self.url = f"{gw.url}/models/{name}/{alias}/invocations"
-        # (answered at, status, prediction or error text, X-Model-Version, sent at)
-        self.answers: list[list[tuple[float, int, Any, str, float]]] = [
-            [] for _ in range(clients)]
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+        super().__init__(clients)
 
     def _run(self, i: int) -> None:
         with httpx.Client(timeout=60) as client:
-            while not self._stop.is_set():
+            while self.running():
                 sent = time.monotonic()
                 try:
                     resp = client.post(self.url, json=X)
@@ -48,20 +44,6 @@ class Load:
                                             resp.headers.get("x-model-version", ""), sent))
                 except httpx.HTTPError as exc:
                     self.answers[i].append((time.monotonic(), 0, repr(exc), "", sent))
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(90)
-
-    @property
-    def all(self) -> list[tuple[float, int, Any, str, float]]:
-        return [a for client in self.answers for a in client]
 
     def failures(self) -> list[tuple[float, int, Any, str, float]]:
         return [a for a in self.all if a[1] != 200]

@@ -6,7 +6,6 @@ fifth of inputs, v3 is 150 ms slower. Every test moves its own alias of it.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import (
     ADMIN_TOKEN,
+    ClientThreads,
     GatewayProcess,
     metric,
     owned_processes,
@@ -30,26 +30,26 @@ from tests.registry import Registry
 pytestmark = pytest.mark.slow
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# A p95 of 20 answers swings widely on two busy cores: only the slow version (150 ms on
+# a few) is meant to cross the latency bound.
 FAST = {"steps": [10, 50, 100], "step_time": "2s", "min_requests": 20,
-        "max_error_rate": "1%", "max_latency_ratio": 2.0}
+        "max_error_rate": "1%", "max_latency_ratio": 10.0}
 
 
-class Callers:
+class Callers(ClientThreads[tuple[int, int, Any, str, str]]):
     """Clients sending one-row predictions back to back (x = 1, 2, … 10, in turn), each
-    with its own ``X-Customer`` header; every answer is kept per client."""
+    with its own ``X-Customer`` header; every answer is kept per client: (status, x,
+    prediction or error text, X-Model-Version, X-Model-Alias)."""
 
     def __init__(self, gw: GatewayProcess, alias: str, clients: int = 8,
                  name: str = "canary") -> None:
         self.url = f"{gw.url}/models/{name}/{alias}/invocations"
-        # (status, x, prediction or error text, X-Model-Version, X-Model-Alias)
-        self.answers: list[list[tuple[int, int, Any, str, str]]] = [[] for _ in range(clients)]
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+        super().__init__(clients)
 
     def _run(self, i: int) -> None:
         with httpx.Client(timeout=60, headers={"X-Customer": f"customer-{i}"}) as client:
             n = 0
-            while not self._stop.is_set():
+            while self.running():
                 x = n % 10 + 1
                 n += 1
                 try:
@@ -62,20 +62,6 @@ class Callers:
                                             resp.headers.get("x-model-alias", "")))
                 except httpx.HTTPError as exc:
                     self.answers[i].append((0, x, repr(exc), "", ""))
-
-    def __enter__(self) -> Callers:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(90)
-
-    @property
-    def all(self) -> list[tuple[int, int, Any, str, str]]:
-        return [a for client in self.answers for a in client]
 
     def mark(self) -> list[int]:
         return [len(client) for client in self.answers]
@@ -90,10 +76,6 @@ class Callers:
 
 def move(registry: Registry, alias: str, version: str) -> None:
     MlflowClient(registry.tracking_uri).set_registered_model_alias("canary", alias, version)
-
-
-def rollout_state(gw: GatewayProcess, alias: str, name: str = "canary") -> dict[str, Any]:
-    return gw.status(name, alias)
 
 
 @pytest.fixture
@@ -189,7 +171,7 @@ def test_a_version_failing_a_fifth_is_rolled_back_at_the_first_step(
 
 def test_a_slow_version_is_rolled_back_on_its_latency(rolling: Any, registry: Registry
                                                       ) -> None:
-    gw = rolling("r-slow", {**FAST, "step_time": "30s"})
+    gw = rolling("r-slow", {**FAST, "step_time": "30s", "max_latency_ratio": 2.0})
     with Callers(gw, "r-slow") as load:
         time.sleep(0.5)
         move(registry, "r-slow", "3")

@@ -180,7 +180,8 @@ def test_a_rollout_and_its_rollback_show_on_the_row(start_gateway: Any, registry
     client.set_registered_model_alias("canary", "page", "1")
     gw: GatewayProcess = start_gateway(
         [{"name": "canary", "alias": "page", "poll_interval": "1s",
-          "rollout": {"steps": [50, 100], "step_time": "5m", "min_requests": 5}}],
+          "rollout": {"steps": [50, 100], "step_time": "5m", "min_requests": 5,
+                      "max_latency_ratio": 10.0}}],
         auth={"admin_tokens": [ADMIN]})
     admin = {"Authorization": f"Bearer {ADMIN}"}
     assert gw.predict("canary", "page", {"inputs": {"x": [1]}}).status_code == 200
