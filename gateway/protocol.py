@@ -42,7 +42,7 @@ from .edge import LINGER_RESET, Deadline, HeadMeter
 from .proxy import ModelProxy
 from .request import PROXIED, parse_route
 from .types import ASGIApp
-from .v2_direct import V2_INFER, V2Direct, V2Exchange, parse_infer
+from .v2_direct import V2Exchange, admit, parse_infer
 from .wire import STATUS_LINE, answer, refusal
 
 log = logging.getLogger("model_gateway")
@@ -370,11 +370,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return None
         parsed = httptools.parse_url(self.url)
         raw_path = self.root_path.encode("ascii") + parsed.path
-        route = parse_route(raw_path, proxy.settings.url_prefix)
-        if route is None or route[2] not in PROXIED:
-            route = parse_infer(raw_path, proxy.settings.url_prefix) if proxy.v2 else None
-            if route is None:
-                return None
+        prefix = proxy.settings.url_prefix
+        v2 = proxy.v2 and raw_path.startswith(b"/v2/", len(prefix))
+        route = parse_infer(raw_path, prefix) if v2 else parse_route(raw_path, prefix)
+        if route is None or not (v2 or route[2] in PROXIED):
+            return None
         # The scope the ASGI path would build: the access line and, if the request
         # moves to the ASGI path later, ModelProxy read it.
         scope: dict[str, Any] = cast(Any, self.scope)
@@ -388,10 +388,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             scope["http_version"] = http_version
         stand_in = _DirectCycle(self, scope, http_version != "1.0" and
                                 self.parser.should_keep_alive())
-        if route[2] == V2_INFER:
-            v2 = V2Direct(proxy.v2).admit(scope, *route[:2])
-            if v2 is not None:
-                stand_in.exchange = V2Exchange(stand_in, proxy.v2, scope, *v2, self.loop)
+        if v2:
+            found = admit(proxy.v2, proxy.settings, scope, *route[:2])
+            if found is not None:
+                stand_in.exchange = V2Exchange(stand_in, proxy, scope, *found, self.loop)
             return stand_in.exchange
         admitted = proxy.admit(scope, *route)
         if admitted is not None:

@@ -29,7 +29,9 @@ from runners.signature import ModelCatalog
 
 from .direct import DirectExchange
 from .errors import map_error
+from .proxy import ModelProxy
 from .request import SMALL_BODY, IncomingRequest
+from .settings import ProxySettings
 from .types import ASGIApp, Receive, Scope, Send
 from .v2_codec import V2Error, mlflow_body, mlflow_message, v2_answer
 from .v2_fast import Plan, answer_body, plan_for, request_body
@@ -40,9 +42,6 @@ class OpenInference(Protocol):
 
     catalog: ModelCatalog
     pool: RunnerPool
-
-    @property
-    def proxy(self) -> Any: ...
 
     def endpoint(self, params: dict[str, Any]) -> Endpoint: ...
 
@@ -73,75 +72,78 @@ def parse_infer(raw_path: bytes, prefix: bytes) -> tuple[str, str, str] | None:
         unquote(alias) if "%" in alias else alias, V2_INFER
 
 
-class V2Direct:
-    """Which V2 inferences may take the direct path, and their exchanges."""
+# The runner is sent MLflow's protocol whatever the caller's headers said.
+RUNNER_HEAD = b"POST /invocations HTTP/1.1\r\ncontent-type: application/json\r\nx-request-id: "
+BINARY = b"\r\ninference-header-content-length: "  # binary tensors: the ASGI path refuses
 
-    __slots__ = ("v2",)  # one per request
 
-    def __init__(self, v2: OpenInference) -> None:
-        self.v2 = v2
+def admit(v2: OpenInference, settings: ProxySettings, scope: Scope, name: str, alias: str
+          ) -> tuple[Endpoint, IncomingRequest, Plan] | None:
+    """(endpoint, request, the signature's plan) when a V2 inference may take the direct
+    path, else None: the ASGI path answers every other case, refusals included."""
+    if scope["method"] != "POST":
+        return None
+    if alias:  # as v2.endpoint() finds it, without its params and V2Error
+        ep = v2.pool.endpoints.get((name, alias))
+        if ep is None:
+            return None
+    else:
+        try:
+            ep = v2.endpoint({"name": name})
+        except V2Error:
+            return None
+    meta = v2.catalog.cached(ep)
+    if meta is None:
+        return None
+    request = IncomingRequest(scope, "invocations")
+    length = request.content_length
+    # The head holds every header the caller sent but the framing ones, each after a CRLF.
+    if length is None or length > min(SMALL_BODY, settings.max_body_size) or \
+            request.header_bytes > settings.max_header_size or BINARY in request.head or \
+            not settings.policy.allows(ep.key, request.authorization):
+        return None
+    request.head = RUNNER_HEAD + request.request_id + b"\r\n"
+    return ep, request, plan_for(meta)
 
-    def admit(self, scope: Scope, name: str, alias: str
-              ) -> tuple[Endpoint, IncomingRequest, Plan] | None:
-        """(endpoint, request, the signature's plan) for the direct path, or None: the
-        ASGI path answers every other case, refusals included."""
-        if scope["method"] != "POST":
-            return None
-        v2 = self.v2
-        if alias:  # as v2.endpoint() finds it, without its params and V2Error
-            ep = v2.pool.endpoints.get((name, alias))
-            if ep is None:
-                return None
-        else:
-            try:
-                ep = v2.endpoint({"name": name})
-            except V2Error:
-                return None
-        meta = v2.catalog.cached(ep)
-        if meta is None:
-            return None
-        for key, _ in scope["headers"]:
-            if key == b"inference-header-content-length":  # binary tensors: refused
-                return None
-        request = IncomingRequest(scope, "invocations")
-        settings = v2.proxy.settings
-        length = request.content_length
-        if length is None or length > min(SMALL_BODY, settings.max_body_size) or \
-                request.header_bytes > settings.max_header_size or \
-                not settings.policy.allows(ep.key, request.authorization):
-            return None
-        # The runner is sent MLflow's protocol whatever the caller's headers said.
-        request.head = b"POST /invocations HTTP/1.1\r\ncontent-type: application/json\r\n" \
-            b"x-request-id: %s\r\n" % request.request_id
-        return ep, request, plan_for(meta)
+
+def _answering(request: dict[str, Any]) -> dict[str, Any]:
+    """What of a request its answer needs. Only that is kept while the runner works: the
+    parsed inputs, freed at once, never survive into a collection of the garbage
+    collector's youngest generation (which would then visit them)."""
+    if "id" not in request and "outputs" not in request:
+        return NOTHING
+    return {key: request[key] for key in ("id", "outputs") if key in request}
+
+
+NOTHING: dict[str, Any] = {}  # shared, never changed
 
 
 class V2Exchange(DirectExchange):
-    __slots__ = ("original", "plan", "v2", "v2_request")
+    __slots__ = ("original", "plan", "v2_request")
 
-    def __init__(self, connection: Any, v2: OpenInference, scope: Scope, ep: Endpoint,
+    def __init__(self, connection: Any, proxy: ModelProxy, scope: Scope, ep: Endpoint,
                  request: IncomingRequest, plan: Plan, loop: Any) -> None:
-        super().__init__(connection, v2.proxy, scope, ep, request, loop)
-        self.v2 = v2
+        super().__init__(connection, proxy, scope, ep, request, loop)
         self.plan = plan
         self.original = b""
-        self.v2_request: dict[str, Any] = {}
+        self.v2_request: dict[str, Any] = NOTHING
 
     def dispatch(self) -> None:
         self.original = b"".join(self.chunks)
         fast = request_body(self.original, self.plan)
         if fast is not None:
-            self.v2_request, self.body = fast
+            self.v2_request, self.body = _answering(fast[0]), fast[1]
             self.go()
             return
         try:
-            self.v2_request = decoded = json.loads(self.original)
+            decoded = json.loads(self.original)
             if not isinstance(decoded, dict):
                 raise ValueError("not an object")
             self.body = mlflow_body(decoded, self.plan.meta)
         except (ValueError, RecursionError, V2Error):  # the ASGI path words the refusal
             self.connection.fall_back(*self.unsent())
             return
+        self.v2_request = _answering(decoded)
         self.go()
 
     def unsent(self) -> tuple[ASGIApp, bytes]:

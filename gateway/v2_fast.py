@@ -5,8 +5,9 @@ signature's shape and datatype, or one column per input, without model parameter
 those, the general translation (``v2_codec``: parse, flatten, check each value, convert,
 reshape, encode, and back) cost the gateway more CPU than proxying the same rows through
 ``/invocations``. Here the caller's nested lists, as orjson parsed them, are checked
-with a few C-level passes and sent on as they are; so are predictions that are a flat
-list of numbers.
+with a few C-level passes and sent on as they are (a table of numbers on orjson's own
+text of it, which the payload needs anyway); predictions that are a flat list of
+numbers are copied from the text MLflow's scoring server wrote, without a parse.
 
 A fast translation gives the payload and the answer ``v2_codec`` gives, or None, and the
 general path then runs on the original bytes (and words any refusal): nothing is refused
@@ -40,15 +41,18 @@ from .v2_codec import (
 
 DROPPED = RESERVED_PARAMETERS | TRITON_PARAMETERS  # never sent on: no MLflow params
 _INTS = frozenset({int})
+_FLOATS = frozenset({float})
 _NUMBERS = frozenset({int, float})
 INT_LIMIT = 2**63  # orjson gives a float for an integer beyond 64 bits: never that large
+PREDICTIONS = b'{"predictions": ['  # how MLflow's scoring server begins its answer
+NUMBER_TEXT = b"0123456789-+.e, "  # what json.dumps writes of a list of numbers
 
 
 class Plan:
     """What the fast path needs of one version's signature, worked out once
     (:func:`plan_for`): the tensors or columns it takes and the output it answers."""
 
-    __slots__ = ("columns", "meta", "only", "output_name", "output_type", "payload",
+    __slots__ = ("columns", "meta", "only", "output_name", "output_type", "parts", "payload",
                  "required", "tensors")
 
     def __init__(self, meta: ModelMetadata) -> None:
@@ -61,7 +65,7 @@ class Plan:
         self.columns: dict[str, str] | None = None
         self.required: frozenset[str] = frozenset()
         # MLflow's payload for the request's ``inputs``, or None: the signature's kind.
-        self.payload: Callable[[list[Any]], dict[str, Any] | None] = self._columns
+        self.payload: Callable[[list[Any]], bytes | None] = self._columns
         if is_tensor_schema(specs):
             self.tensors = {str(s.get("name") or f"input-{i}"):
                             (spec_datatype(s), spec_shape(s), PLAIN[spec_datatype(s)])
@@ -81,24 +85,38 @@ class Plan:
         self.output_name = str(spec["name"]) if spec is not None and spec.get("name") \
             else "output-0"
         self.output_type = spec_datatype(spec) if spec is not None else None
+        self.parts: dict[tuple[str, str | None, str], tuple[bytes, bytes]] = {}
 
-    def _bare_tensor(self, items: list[Any]) -> dict[str, Any] | None:
+    def answer_parts(self, name: str, version: str | None, datatype: str
+                     ) -> tuple[bytes, bytes]:
+        """The bytes of an answer before its ``id`` and from there to its length, made
+        and kept in ``parts``."""
+        if len(self.parts) >= 64:  # names and datatypes are few: never reached in use
+            self.parts.clear()
+        parts = self.parts[name, version, datatype] = (
+            b'{"model_name":%s,"model_version":%s' % (orjson.dumps(name),
+                                                      orjson.dumps(version or "")),
+            b',"outputs":[{"name":%s,"datatype":"%s","shape":[' % (
+                orjson.dumps(self.output_name), datatype.encode()))
+        return parts
+
+    def _bare_tensor(self, items: list[Any]) -> bytes | None:
         item = items[0] if len(items) == 1 else None
         if type(item) is not dict:
             return None
         name, data = item.get("name"), item.get("data")
         wanted = self.only
         assert wanted is not None
-        if type(name) is not str or not name or item.get("datatype") != wanted[0] or \
-                not _shaped(data, item.get("shape"), wanted[1], wanted[2]):
+        if type(name) is not str or not name or item.get("datatype") != wanted[0]:
             return None
-        return {"inputs": data}
+        data = _shaped(data, item.get("shape"), wanted[1], wanted[2])
+        return None if data is None else b'{"inputs":' + data + b"}"
 
-    def _tensors(self, items: list[Any]) -> dict[str, Any] | None:
+    def _tensors(self, items: list[Any]) -> bytes | None:
         only, tensors = self.only, self.tensors
         if only is not None and len(items) != 1:
             return None
-        given: dict[str, Any] = {}
+        given: dict[str, bytes] = {}
         for item in items:
             if type(item) is not dict:
                 return None
@@ -106,15 +124,18 @@ class Plan:
             if type(name) is not str or not name or name in given:
                 return None
             wanted = only or tensors.get(name)
-            if wanted is None or item.get("datatype") != wanted[0] or \
-                    not _shaped(item.get("data"), item.get("shape"), wanted[1], wanted[2]):
+            if wanted is None or item.get("datatype") != wanted[0]:
                 return None
-            given[name] = item["data"]
+            data = _shaped(item.get("data"), item.get("shape"), wanted[1], wanted[2])
+            if data is None:
+                return None
+            given[name] = data
         if len(given) != len(tensors):
             return None  # an input missing: the general path says which
-        return {"inputs": given}
+        return b'{"inputs":{%s}}' % b",".join(orjson.dumps(n) + b":" + d
+                                             for n, d in given.items())
 
-    def _columns(self, items: list[Any]) -> dict[str, Any] | None:
+    def _columns(self, items: list[Any]) -> bytes | None:
         columns = self.columns
         names: list[str] = []
         values: list[list[Any]] = []
@@ -142,30 +163,57 @@ class Plan:
         if len(seen) != len(names) or not self.required <= seen:
             return None
         # orjson writes tuples as arrays: the rows need no lists of their own.
-        return {"dataframe_split": {"columns": names, "data": list(zip(*values, strict=True))}}
+        return orjson.dumps({"dataframe_split": {"columns": names,
+                                                 "data": list(zip(*values, strict=True))}})
 
 
-def _shaped(data: Any, shape: Any, wanted: list[int], plain: frozenset[type]) -> bool:
-    """Whether ``data`` is already nested as ``shape`` (rank 1 or 2, fitting the
-    signature's ``wanted``), of ``plain`` values. Its size is then at most the body's."""
+def _shaped(data: Any, shape: Any, wanted: list[int], plain: frozenset[type]
+            ) -> bytes | None:
+    """``data`` as JSON when it is already nested as ``shape`` (rank 1 or 2, fitting the
+    signature's ``wanted``), of ``plain`` values, else None. Its size is then at most the
+    body's."""
     if type(data) is not list or type(shape) is not list or len(shape) != len(wanted):
-        return False
+        return None
     rows = shape[0] if shape else None
     if type(rows) is not int or rows != len(data) or (wanted[0] != -1 and wanted[0] != rows):
-        return False
+        return None
     if len(shape) == 1:
-        return set(map(type, data)) <= plain
+        return orjson.dumps(data) if set(map(type, data)) <= plain else None
     width = shape[1] if len(shape) == 2 else None
     if type(width) is not int or width < 0 or (wanted[1] != -1 and wanted[1] != width):
-        return False
-    if not data:
-        return True
+        return None
+    floats = plain == _FLOATS
+    if floats or plain == _INTS:
+        # Numbers are checked on orjson's text, which the payload needs anyway: with its
+        # digits and signs gone, a float leaves ".", "e" or ".e", an int nothing; the rest
+        # (brackets, commas, any other value) must be exactly a rows × width nesting.
+        text = orjson.dumps(data)
+        left = text.translate(None, b"0123456789+-")
+        if floats:
+            left = left.replace(b".e", b".").replace(b"e", b".")
+        return text if left == _nesting(rows, width, floats) else None
     try:  # list.__len__ refuses anything but a list: every row's type and width at once
-        if set(map(list.__len__, data)) != {width}:
-            return False
+        if data and set(map(list.__len__, data)) != {width}:
+            return None
     except TypeError:
-        return False
-    return set(map(type, chain.from_iterable(data))) <= plain
+        return None
+    return orjson.dumps(data) if set(map(type, chain.from_iterable(data))) <= plain else None
+
+
+_nestings: dict[tuple[int, int, bool], bytes] = {}
+
+
+def _nesting(rows: int, width: int, floats: bool) -> bytes:
+    """What of a rows × width JSON array of numbers ``_shaped`` keeps: ``[[.,.],[.,.]]``
+    for floats, ``[[,],[,]]`` for ints."""
+    key = (rows, width, floats)
+    nesting = _nestings.get(key)
+    if nesting is None:
+        if len(_nestings) >= 256:  # callers send a few row counts: rarely reached
+            _nestings.clear()
+        row = b"[" + b",".join([b"." if floats else b""] * width) + b"]"
+        nesting = _nestings[key] = b"[" + b",".join([row] * rows) + b"]"
+    return nesting
 
 
 def request_body(body: bytes, plan: Plan) -> tuple[dict[str, Any], bytes] | None:
@@ -181,13 +229,24 @@ def request_body(body: bytes, plan: Plan) -> tuple[dict[str, Any], bytes] | None
             (params is not None and (type(params) is not dict or not params.keys() <= DROPPED)):
         return None
     payload = plan.payload(items)
-    return None if payload is None else (request, orjson.dumps(payload))
+    return None if payload is None else (request, payload)
 
 
 def answer_body(name: str, version: str | None, request: dict[str, Any], answer: bytes,
                 plan: Plan) -> bytes | None:
     """The V2 answer's body for MLflow's ``answer`` when its predictions are a flat list
     of numbers, else None. Raises V2Error as ``v2_codec.select_outputs`` does."""
+    if answer.startswith(PREDICTIONS) and answer.endswith(b"]}") and \
+            request.get("outputs") is None:
+        # MLflow's own encoding of a flat list of numbers, taken as it is: json.dumps
+        # writes every float with "." or "e", never an int so.
+        numbers = answer[len(PREDICTIONS):-2]
+        if numbers and not numbers.translate(None, NUMBER_TEXT):
+            datatype = plan.output_type or \
+                ("FP64" if b"." in numbers or b"e" in numbers else "INT64")
+            if datatype != "BYTES":
+                return _answer(plan, name, version, request.get("id"), datatype,
+                               numbers.count(b",") + 1, b"[" + numbers + b"]")
     try:
         parsed = orjson.loads(answer)
     except orjson.JSONDecodeError:
@@ -205,15 +264,27 @@ def answer_body(name: str, version: str | None, request: dict[str, Any], answer:
     datatype = plan.output_type or datatype
     if datatype == "BYTES":  # numbers as strings: the general path
         return None
-    outputs: list[dict[str, Any]] = [{"name": plan.output_name, "datatype": datatype,
-                                      "shape": [len(predictions)], "data": predictions}]
-    body: dict[str, Any] = {"model_name": name, "model_version": version or ""}
     v2_id = request.get("id")
-    if type(v2_id) is str:
-        body["id"] = v2_id
-    body["outputs"] = outputs if request.get("outputs") is None else \
-        select_outputs(outputs, request)
-    return orjson.dumps(body)
+    if request.get("outputs") is not None:  # outputs asked for by name: checked in full
+        body: dict[str, Any] = {"model_name": name, "model_version": version or ""}
+        if type(v2_id) is str:
+            body["id"] = v2_id
+        body["outputs"] = select_outputs([{
+            "name": plan.output_name, "datatype": datatype, "shape": [len(predictions)],
+            "data": predictions}], request)
+        return orjson.dumps(body)
+    return _answer(plan, name, version, v2_id, datatype, len(predictions),
+                   orjson.dumps(predictions))
+
+
+def _answer(plan: Plan, name: str, version: str | None, v2_id: Any, datatype: str,
+            size: int, data: bytes) -> bytes:
+    """A V2 answer of one output; its fixed parts are made once per name, version and
+    datatype: joined, they cost a fraction of encoding the whole answer as a dict."""
+    head, tail = plan.parts.get((name, version, datatype)) or \
+        plan.answer_parts(name, version, datatype)
+    return b"".join((head, b',"id":' + orjson.dumps(v2_id) if type(v2_id) is str else b"",
+                     tail, b"%d" % size, b'],"data":', data, b"}]}"))
 
 
 _plans: dict[int, tuple[ModelMetadata, Plan]] = {}

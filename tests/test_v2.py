@@ -141,16 +141,18 @@ def test_plain_and_unusual_requests_are_answered_alike(gw: GatewayProcess) -> No
     requests = [{"inputs": plain}, {"inputs": as_rows},
                 {"inputs": plain, "id": "r-2", "outputs": [{"name": "output-0"}],
                  "parameters": {"binary_data_output": False}},
-                {"inputs": [{**plain[0], "data": [5, 7]}, *plain[1:]]}]  # ints: as floats
+                {"inputs": [{**plain[0], "data": [5, 7]}, *plain[1:]]},  # ints: as floats
+                {"inputs": plain, "id": "r-3"}]
     answers = [gw.client.post("/v2/models/iris/versions/champion/infer", json=r,
                               headers={**AUTH}) for r in requests]
-    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    assert [a.status_code for a in answers] == [200] * 5, [a.text for a in answers]
     output = {"name": "output-0", "datatype": "INT64", "shape": [2], "data": EXPECTED}
     assert answers[0].json() == {"model_name": "iris", "model_version": "1",
                                  "outputs": [output]}
     assert answers[1].json() == answers[0].json()
     assert answers[2].json() == {**answers[0].json(), "id": "r-2"}
     assert answers[3].json()["outputs"][0]["shape"] == [2]
+    assert answers[4].json() == {**answers[0].json(), "id": "r-3"}
     unknown = gw.client.post("/v2/models/iris/versions/champion/infer", headers={**AUTH},
                              json={"inputs": [*plain, column("colour", [1.0, 2.0])]})
     assert unknown.status_code == 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -294,3 +295,49 @@ def test_the_fast_answer_is_the_general_one_or_none(predictions: Any, meta: Mode
         assert same_json(fast, json.dumps(general).encode())
     if predictions == [0, 2] and "nope" not in str(request_) and meta is not NAMED:
         assert fast is not None
+
+
+PAIRS = {dtype: ModelMetadata(uri="m", version="7", inputs=[
+    {"type": "tensor", "tensor-spec": {"dtype": dtype, "shape": [-1, 2]}}])
+    for dtype in ("float64", "int64")}
+
+
+@pytest.mark.parametrize("data", [
+    [[1.0, 2.0]], [[1.5, 2.0], [3.0, -4.25]], [[1e-7, -2.5e20], [-0.0, 5e-324]], [],
+    [[1, 2], [-3, 4]], [[1.0, 2]], [[1.0, True]], [[1, False]], [[1.0, None]], [[1.0, "2"]],
+    [[1.0], [2.0]], [[1.0, 2.0], [3.0]], [[1.0, [2.0]]], [[1.0, {"a": 1}]], [[2**64, 1]],
+    [[1.0, 2.0, 3.0]], [1.0, 2.0]])
+@pytest.mark.parametrize("dtype", ["float64", "int64"])
+def test_a_table_of_numbers_is_sent_as_it_is_only_when_the_general_path_sends_it_so(
+        data: list[Any], dtype: str) -> None:
+    """Rank-2 numbers are checked on orjson's text (v2_fast._shaped): every odd value,
+    ragged row or mistyped number must still take the general path (None here)."""
+    meta, datatype = PAIRS[dtype], "FP64" if dtype == "float64" else "INT64"
+    body = json.dumps({"inputs": [{"name": "t", "datatype": datatype,
+                                   "shape": [len(data), 2], "data": data}]}).encode()
+    fast = request_body(body, plan_for(meta))
+    try:
+        general: Any = mlflow_body(json.loads(body), meta)
+    except V2Error:
+        general = None
+    if fast is not None:
+        assert general is not None and same_json(fast[1], general)
+    plain = {"float64": float, "int64": int}[dtype]
+    if all(type(row) is list and len(row) == 2 and
+           all(type(v) is plain and abs(v) < 2**63 for v in row)
+           for row in data):  # the plain case does take it (orjson's range of integers)
+        assert fast is not None, data
+
+
+@pytest.mark.parametrize("answer", [
+    b'{"predictions": [1, 2], "extra": [3]}', b'{"predictions": [NaN, 1.0]}',
+    b'{"predictions": [Infinity]}', b'{"predictions": [1e+16, -2.5e-07, 3]}',
+    b'{"predictions": [[1, 2]]}', b'{"predictions": ["1", 2]}', b'{"predictions": []}',
+    b'{"predictions": [true, 1]}', b'[1, 2]'])
+def test_the_answer_taken_as_mlflow_wrote_it_is_the_general_one(answer: bytes) -> None:
+    """Flat numbers are copied from MLflow's text (v2_fast.answer_body); anything else
+    there goes through a parse."""
+    for request_, meta in itertools.product(({}, {"id": "r-1"}), (IRIS_TENSOR, NO_SIGNATURE)):
+        fast = answer_body("m", "1", request_, answer, plan_for(meta))
+        general = v2_answer("m", "1", request_, json.loads(answer), meta)
+        assert fast is None or same_json(fast, json.dumps(general).encode()), answer
