@@ -209,10 +209,12 @@ def _nesting(rows: int, width: int, floats: bool) -> bytes:
     key = (rows, width, floats)
     nesting = _nestings.get(key)
     if nesting is None:
-        if len(_nestings) >= 256:  # callers send a few row counts: rarely reached
-            _nestings.clear()
         row = b"[" + b",".join([b"." if floats else b""] * width) + b"]"
-        nesting = _nestings[key] = b"[" + b",".join([row] * rows) + b"]"
+        nesting = b"[" + b",".join([row] * rows) + b"]"
+        if len(nesting) <= 4096:  # kept for the few small tables callers send: at most
+            if len(_nestings) >= 256:  # 1 MiB, whatever a caller sends
+                _nestings.clear()
+            _nestings[key] = nesting
     return nesting
 
 

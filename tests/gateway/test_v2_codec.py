@@ -341,3 +341,20 @@ def test_the_answer_taken_as_mlflow_wrote_it_is_the_general_one(answer: bytes) -
         fast = answer_body("m", "1", request_, answer, plan_for(meta))
         general = v2_answer("m", "1", request_, json.loads(answer), meta)
         assert fast is None or same_json(fast, json.dumps(general).encode()), answer
+
+
+def test_a_large_table_is_checked_without_being_remembered() -> None:
+    """The expected nesting of a table is kept only when small: a caller sending many
+    large tables of distinct sizes cannot make the gateway hold them."""
+    from gateway import v2_fast
+
+    plan = plan_for(PAIRS["float64"])
+    for rows in (3000, 3001):
+        data = [[float(i), 0.5] for i in range(rows)]
+        body = json.dumps({"inputs": [{"name": "t", "datatype": "FP64",
+                                       "shape": [rows, 2], "data": data}]}).encode()
+        fast = request_body(body, plan)
+        assert fast is not None and same_json(fast[1], mlflow_body(json.loads(body),
+                                                                   PAIRS["float64"]))
+        assert (rows, 2, True) not in v2_fast._nestings
+    assert request_body(body.replace(b"0.5]", b"1]", 1), plan) is None  # one int: general
