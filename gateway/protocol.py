@@ -318,6 +318,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.disconnected = True  # the app sees the caller gone: runner released
+            self.cycle.response_complete = True  # answered below: a server stop closes it
             self.cycle.message_event.set()
         self._refuse(408, "body_timeout", "the request body stalled for body_timeout "
                      f"({self.settings.body_timeout:g}s)", own=True)
@@ -351,8 +352,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                                          code, message))
         # A lingering close: a caller still sending would otherwise get a reset that
         # destroys the answer before it reads it. The answer is followed by a FIN, reading
-        # stops (nothing more of the caller's is taken in), and the connection closes
-        # LINGER seconds later.
+        # stops, and the connection closes LINGER seconds later (or as the server stops).
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.flow.pause_reading()
